@@ -1,0 +1,587 @@
+-- 002_messages.sql: shared helpers, the single write path for messages (triggers),
+-- and the message functions the server calls.
+--
+-- Functions that touch tables pin search_path to the schema this migration runs in
+-- ("set search_path from current" captures the value set on the next line), so the
+-- triggers behave the same for another program whose search_path differs. Small pure
+-- helpers carry no SET clause so the planner can inline them.
+select set_config('search_path', quote_ident(current_schema()) || ', pg_temp', true);
+
+------------------------------------------------------------------------------------
+-- Helpers shared by all files
+------------------------------------------------------------------------------------
+
+-- Wire time: ISO 8601 UTC with milliseconds, e.g. 2026-01-15T10:30:00.123Z.
+create or replace function parley_ts(p_ts timestamptz) returns text
+language sql stable parallel safe
+as $$ select to_char(p_ts at time zone 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') $$;
+
+-- Errors the server maps to HTTP/socket errors: SQLSTATE PX<http status>,
+-- message = protocol error code, detail = human text.
+create or replace function parley_fail(p_status integer, p_code text, p_detail text)
+returns void
+language plpgsql
+as $$
+begin
+    raise exception using errcode = 'PX' || p_status, message = p_code, detail = p_detail;
+end
+$$;
+
+-- A user id as the protocol allows it (1-64 bytes).
+create or replace function parley_check_user_id(p_id text) returns void
+language plpgsql
+as $$
+begin
+    if p_id is null or octet_length(p_id) not between 1 and 64 then
+        perform parley_fail(400, 'invalid_payload', 'a user id is a string of 1-64 bytes');
+    end if;
+end
+$$;
+
+-- One NOTIFY on channel 'parley': <kind>:<seq>:<conv>:<uidlen>:<uid>:<json>.
+-- uidlen is in bytes because user ids may contain ':'. A message ('m') or
+-- notification ('n') too large for NOTIFY goes by reference ('M'/'N', empty json):
+-- the server then calls parley_message_frame / parley_notification_frame(seq).
+-- Other kinds are small by construction; one that is not is dropped with a warning
+-- rather than failing the writer's transaction.
+create or replace function parley_emit(p_kind text, p_seq bigint, p_conv bigint,
+                                       p_uid text, p_json text)
+returns void
+language plpgsql
+as $$
+declare
+    v_head text := ':' || coalesce(p_seq, 0) || ':' || coalesce(p_conv, 0) || ':'
+                   || coalesce(octet_length(p_uid), 0) || ':' || coalesce(p_uid, '') || ':';
+begin
+    if p_kind not in ('m', 'e', 'n', 'r') then
+        raise exception 'parley_emit: unknown kind %', p_kind;
+    end if;
+    if 1 + octet_length(v_head) + coalesce(octet_length(p_json), 0) <= 7900 then
+        perform pg_notify('parley', p_kind || v_head || coalesce(p_json, ''));
+    elsif p_kind in ('m', 'n') then
+        perform pg_notify('parley', upper(p_kind) || v_head);
+    else
+        raise warning 'parley_emit: % event of % bytes dropped, too large for NOTIFY',
+            p_kind, octet_length(p_json);
+    end if;
+end
+$$;
+
+-- Display name of a user, 'user <id>' for one Parley has not seen.
+create or replace function parley_user_name(p_id text) returns text
+language sql stable
+set search_path from current
+as $$ select coalesce((select name from users where id = p_id), 'user ' || p_id) $$;
+
+-- Unread messages of a user over the conversations they did not mute.
+create or replace function parley_total_unread(p_user text) returns integer
+language sql stable
+set search_path from current
+as $$
+    select coalesce(sum(unread_count), 0)::integer
+      from participants
+     where user_id = p_user and unread_count > 0 and not muted
+$$;
+
+-- Whether a user disabled a notification type (stored, but not pushed).
+create or replace function parley_type_disabled(p_user text, p_type text) returns boolean
+language sql stable
+set search_path from current
+as $$
+    select exists (select 1 from notification_preferences
+                    where user_id = p_user and p_type = any (disabled_types))
+$$;
+
+-- Unread stored notifications of a user (all types: disabled ones are listed too).
+create or replace function parley_unread_notifications(p_user text) returns integer
+language sql stable
+set search_path from current
+as $$
+    select count(*)::integer from notifications where user_id = p_user and read_at is null
+$$;
+
+------------------------------------------------------------------------------------
+-- Message JSON
+------------------------------------------------------------------------------------
+
+-- is_read = every participant other than the sender has read up to the message.
+-- Instead of a per-message subquery, callers fetch once per conversation the two
+-- lowest read positions and whose the lowest is (parley_read_floor); the lowest
+-- position among "the others" is then the second one when the sender holds the
+-- first, else the first.
+create or replace function parley_read_floor(p_conversation bigint,
+    out min_user text, out min_read bigint, out next_read bigint)
+language sql stable
+set search_path from current
+as $$
+    select (array_agg(user_id order by pos, user_id))[1],
+           (array_agg(pos order by pos, user_id))[1],
+           (array_agg(pos order by pos, user_id))[2]
+      from (select user_id, last_read_message_id as pos
+              from participants
+             where conversation_id = p_conversation
+             order by last_read_message_id, user_id
+             limit 2) lowest
+$$;
+
+create or replace function parley_is_read(p_id bigint, p_sender text,
+    p_min_user text, p_min_read bigint, p_next_read bigint)
+returns boolean
+language sql immutable parallel safe
+as $$
+    select p_id <= coalesce(case when p_sender = p_min_user then p_next_read else p_min_read end,
+                            9223372036854775807)   -- nobody else to read it
+$$;
+
+-- The message object of the protocol; the only place that builds it.
+create or replace function parley_message_json(m messages, p_sender_name text, p_is_read boolean)
+returns json
+language sql stable
+as $$
+    select json_build_object(
+        'id', m.id,
+        'conversation_id', m.conversation_id,
+        'sender_id', m.sender_id,
+        'sender_name', case when m.sender_id is not null
+                            then coalesce(p_sender_name, 'user ' || m.sender_id) end,
+        'message_text', m.content,
+        'content', m.content,
+        'message_type', m.type,
+        'metadata', m.metadata,
+        'client_id', m.client_id,
+        'timestamp', parley_ts(m.created_at),
+        'created_at', parley_ts(m.created_at),
+        'is_read', p_is_read)
+$$;
+
+-- The message object of one stored message (null when there is none).
+create or replace function parley_message_json(p_id bigint) returns json
+language sql stable
+set search_path from current
+as $$
+    select parley_message_json(m, u.name,
+               parley_is_read(m.id, m.sender_id, f.min_user, f.min_read, f.next_read))
+      from messages m
+      left join users u on u.id = m.sender_id
+      cross join lateral parley_read_floor(m.conversation_id) f
+     where m.id = p_id
+$$;
+
+-- The socket 'message' event around a message object; replays carry "replay":true.
+create or replace function parley_message_event(p_message json, p_replay boolean)
+returns text
+language sql immutable
+as $$
+    select case when p_replay
+                then json_build_object('type', 'message', 'message', p_message, 'replay', true)
+                else json_build_object('type', 'message', 'message', p_message)
+           end::text
+$$;
+
+create or replace function parley_message_frame(p_id bigint, p_replay boolean) returns text
+language sql stable
+set search_path from current
+as $$
+    select parley_message_event(j, coalesce(p_replay, false))
+      from parley_message_json(p_id) j
+     where j is not null
+$$;
+
+------------------------------------------------------------------------------------
+-- The write path: triggers on messages. A plain INSERT by any program has exactly
+-- the API's effects.
+------------------------------------------------------------------------------------
+
+create or replace function parley_messages_before_insert() returns trigger
+language plpgsql
+set search_path from current
+as $$
+begin
+    -- Serialise the writers of one conversation and draw the id only once the lock
+    -- is held: ids then grow in commit order within the conversation, which
+    -- sync/after rely on. (NO KEY UPDATE: enough against other inserts, and it does
+    -- not block foreign-key checks such as adding participants.)
+    perform 1 from conversations where id = new.conversation_id for no key update;
+    if not found then
+        perform parley_fail(404, 'not_found', 'no such conversation');
+    end if;
+
+    if new.sender_id is null then
+        new.type := 'SYSTEM';                 -- no sender: a system message
+    elsif new.type = 'SYSTEM' then
+        perform parley_fail(400, 'invalid_payload', 'a SYSTEM message has no sender');
+    elsif not exists (select 1 from participants
+                       where conversation_id = new.conversation_id
+                         and user_id = new.sender_id) then
+        perform parley_fail(403, 'forbidden', 'the sender is not a participant');
+    end if;
+
+    new.type := coalesce(new.type, 'TEXT');
+    if new.type not in ('TEXT', 'LOCATION', 'IMAGE', 'FILE', 'SYSTEM') then
+        perform parley_fail(400, 'invalid_payload', 'unknown message type');
+    end if;
+    new.content := coalesce(new.content, '');
+    new.metadata := nullif(new.metadata, 'null'::jsonb);   -- JSON null = no metadata
+
+    new.id := nextval('messages_id_seq');
+    new.created_at := clock_timestamp();
+    return new;
+end
+$$;
+
+create or replace function parley_messages_after_insert() returns trigger
+language plpgsql
+set search_path from current
+as $$
+declare
+    v_payload jsonb;
+begin
+    update conversations
+       set last_message_id = new.id,
+           last_message_at = new.created_at,
+           updated_at = new.created_at
+     where id = new.conversation_id;
+
+    -- Everyone but the sender (everyone for SYSTEM) has one more unread message.
+    update participants
+       set unread_count = unread_count + 1
+     where conversation_id = new.conversation_id
+       and user_id is distinct from new.sender_id;
+
+    perform parley_emit('m', new.id, new.conversation_id, null,
+                        parley_message_frame(new.id, false));
+
+    -- The collapsed new_message notification: one unread per user and conversation,
+    -- updated in place (same id) by later messages. Its insert/update trigger
+    -- (004_notifications.sql) sends the 'n' event with the live counts.
+    v_payload := jsonb_build_object(
+        'conversation_id', new.conversation_id,
+        'from_user', case when new.sender_id is not null
+                          then jsonb_build_object('id', new.sender_id,
+                                                  'username', parley_user_name(new.sender_id)) end,
+        'message', jsonb_build_object('id', new.id, 'content', new.content));
+
+    insert into notifications as n (user_id, type, payload, conversation_id, count, created_at)
+    select p.user_id, 'new_message', v_payload, new.conversation_id, 1, new.created_at
+      from participants p
+     where p.conversation_id = new.conversation_id
+       and p.user_id is distinct from new.sender_id
+       and not p.muted
+       and not parley_type_disabled(p.user_id, 'new_message')
+     order by p.user_id                       -- a stable lock order
+    on conflict (user_id, conversation_id) where type = 'new_message' and read_at is null
+    do update set payload = excluded.payload,
+                  created_at = excluded.created_at,
+                  count = n.count + 1;
+
+    return null;
+end
+$$;
+
+create trigger messages_before_insert before insert on messages
+    for each row execute function parley_messages_before_insert();
+create trigger messages_after_insert after insert on messages
+    for each row execute function parley_messages_after_insert();
+
+------------------------------------------------------------------------------------
+-- Functions the server calls
+------------------------------------------------------------------------------------
+
+-- Remember a user's latest display name; writes only when it changed (every
+-- connect calls this).
+create or replace function parley_touch_user(p_id text, p_name text) returns void
+language plpgsql
+set search_path from current
+as $$
+declare
+    v_name text := coalesce(p_name, 'user ' || p_id);
+begin
+    perform parley_check_user_id(p_id);
+    update users set name = v_name, updated_at = now()
+     where id = p_id and name is distinct from v_name;
+    if not found then
+        insert into users (id, name) values (p_id, v_name) on conflict (id) do nothing;
+    end if;
+end
+$$;
+
+-- The stored message for (conversation, sender, client_id), as a "duplicate"
+-- answer when the repeat matches it, PX409 when it does not; null when none.
+create or replace function parley_repeat_send(p_conversation bigint, p_sender text,
+    p_client_id text, p_type text, p_content text, p_metadata jsonb)
+returns text
+language plpgsql
+set search_path from current
+as $$
+declare
+    m messages;
+begin
+    select * into m
+      from messages
+     where conversation_id = p_conversation
+       and coalesce(sender_id, '') = coalesce(p_sender, '')
+       and client_id = p_client_id;
+    if not found then
+        return null;
+    end if;
+    if m.type <> p_type or m.content <> p_content
+       or m.metadata is distinct from p_metadata then
+        perform parley_fail(409, 'conflict',
+                            'this client_id was already used for a different message');
+    end if;
+    return json_build_object('status', 'duplicate',
+                             'message', parley_message_json(m.id))::text;
+end
+$$;
+
+-- One send (socket or REST). p_sender null = SYSTEM. Input is validated and
+-- trimmed by the server; the triggers do the rest.
+create or replace function parley_post_message(p_conversation bigint, p_sender text,
+    p_type text, p_content text, p_metadata jsonb, p_client_id text)
+returns text
+language plpgsql
+set search_path from current
+as $$
+declare
+    v_type text := case when p_sender is null then 'SYSTEM' else coalesce(p_type, 'TEXT') end;
+    v_content text := coalesce(p_content, '');
+    v_metadata jsonb := nullif(p_metadata, 'null'::jsonb);
+    v_answer text;
+    v_id bigint;
+begin
+    if p_sender is null then
+        perform 1 from conversations where id = p_conversation;
+    else
+        perform 1 from participants where conversation_id = p_conversation and user_id = p_sender;
+    end if;
+    if not found then
+        perform parley_fail(404, 'not_found', 'no such conversation, or not a participant');
+    end if;
+
+    if p_client_id is not null then
+        v_answer := parley_repeat_send(p_conversation, p_sender, p_client_id,
+                                       v_type, v_content, v_metadata);
+        if v_answer is not null then
+            return v_answer;
+        end if;
+    end if;
+
+    insert into messages (conversation_id, sender_id, type, content, metadata, client_id)
+    values (p_conversation, p_sender, v_type, v_content, v_metadata, p_client_id)
+    on conflict (conversation_id, coalesce(sender_id, ''), client_id)
+       where client_id is not null
+    do nothing
+    returning id into v_id;
+
+    if v_id is null then
+        -- A concurrent send with the same client_id committed first: answer as a repeat.
+        return parley_repeat_send(p_conversation, p_sender, p_client_id,
+                                  v_type, v_content, v_metadata);
+    end if;
+    return json_build_object('status', 'created', 'message', parley_message_json(v_id))::text;
+end
+$$;
+
+-- Replay: messages with id > p_after, oldest first, as 'message' events with
+-- "replay":true. The server asks limit+1 rows to compute has_more.
+create or replace function parley_sync(p_conversation bigint, p_after bigint, p_limit integer)
+returns table (id bigint, frame text)
+language sql stable
+set search_path from current
+as $$
+    select m.id,
+           parley_message_event(
+               parley_message_json(m, u.name,
+                   parley_is_read(m.id, m.sender_id, f.min_user, f.min_read, f.next_read)),
+               true)
+      from parley_read_floor(p_conversation) f
+     cross join lateral (select *
+                           from messages
+                          where messages.conversation_id = p_conversation
+                            and messages.id > coalesce(p_after, 0)
+                          order by messages.id
+                          limit greatest(coalesce(p_limit, 200), 0)) m
+      left join users u on u.id = m.sender_id
+     order by m.id
+$$;
+
+-- Move a reader's position forward (never back), recount their unread messages,
+-- send the read_receipt and mark the conversation's new_message notification read.
+create or replace function parley_mark_read(p_conversation bigint, p_user text,
+                                            p_message_id bigint)
+returns text
+language plpgsql
+set search_path from current
+as $$
+declare
+    v_old bigint;
+    v_last bigint;
+    v_pos bigint;
+    v_unread integer;
+    v_now timestamptz := clock_timestamp();
+    v_ids bigint[];
+begin
+    -- Lock our participant row first. A message insert that already bumped our
+    -- unread_count commits before we get the lock, so the recount below (a later
+    -- statement, hence a newer snapshot) sees it; later inserts wait for us and
+    -- bump the recounted value.
+    select last_read_message_id into v_old
+      from participants
+     where conversation_id = p_conversation and user_id = p_user
+       for update;
+    if not found then
+        perform parley_fail(404, 'not_found', 'no such conversation, or not a participant');
+    end if;
+
+    select coalesce(last_message_id, 0) into v_last from conversations where id = p_conversation;
+    v_pos := greatest(v_old, least(coalesce(p_message_id, v_last), v_last));
+
+    select count(*) into v_unread
+      from messages
+     where conversation_id = p_conversation and id > v_pos
+       and sender_id is distinct from p_user;
+
+    update participants
+       set last_read_message_id = v_pos, unread_count = v_unread
+     where conversation_id = p_conversation and user_id = p_user
+       and (last_read_message_id, unread_count) is distinct from (v_pos, v_unread);
+
+    if v_pos > v_old then
+        perform parley_emit('e', 0, p_conversation, null,
+            json_build_object('type', 'read_receipt', 'conversation_id', p_conversation,
+                              'user_id', p_user, 'message_id', v_pos,
+                              'read_at', parley_ts(v_now))::text);
+
+        with marked as (
+            update notifications set read_at = v_now
+             where user_id = p_user and conversation_id = p_conversation
+               and type = 'new_message' and read_at is null
+            returning notifications.id)
+        select array_agg(marked.id order by marked.id) into v_ids from marked;
+
+        if v_ids is not null then
+            perform parley_emit('r', 0, 0, p_user,
+                json_build_object('type', 'notifications_read', 'ids', v_ids,
+                                  'unread_notifications',
+                                  parley_unread_notifications(p_user))::text);
+        end if;
+    end if;
+
+    return json_build_object('unread_count', v_unread, 'message_id', v_pos,
+                             'moved', v_pos > v_old)::text;
+end
+$$;
+
+-- What the chat socket's ready frame needs; PX404 doubles as the access check.
+create or replace function parley_conversation_ready(p_conversation bigint, p_user text)
+returns text
+language plpgsql stable
+set search_path from current
+as $$
+declare
+    v_answer text;
+begin
+    select json_build_object('last_message_id', c.last_message_id,
+                             'unread_count', p.unread_count)::text
+      into v_answer
+      from participants p
+      join conversations c on c.id = p.conversation_id
+     where p.conversation_id = p_conversation and p.user_id = p_user;
+    if v_answer is null then
+        perform parley_fail(404, 'not_found', 'no such conversation, or not a participant');
+    end if;
+    return v_answer;
+end
+$$;
+
+-- Typing is not stored; the typist's own sockets are excluded (uid of the event).
+create or replace function parley_emit_typing(p_conversation bigint, p_user text,
+                                              p_is_typing boolean)
+returns void
+language sql
+set search_path from current
+as $$
+    select parley_emit('e', 0, p_conversation, p_user,
+        json_build_object('type', 'typing', 'conversation_id', p_conversation,
+                          'user_id', p_user, 'username', parley_user_name(p_user),
+                          'is_typing', coalesce(p_is_typing, false))::text)
+$$;
+
+-- Presence to the conversation's sockets, excluding the user's own.
+create or replace function parley_emit_presence(p_conversation bigint, p_user text,
+                                                p_status text)
+returns void
+language plpgsql
+set search_path from current
+as $$
+begin
+    if p_status is null or p_status not in ('online', 'offline') then
+        perform parley_fail(400, 'invalid_payload', 'presence is online or offline');
+    end if;
+    perform parley_emit('e', 0, p_conversation, p_user,
+        json_build_object('type', 'presence', 'conversation_id', p_conversation,
+                          'user_id', p_user, 'status', p_status)::text);
+end
+$$;
+
+-- A page of history, oldest first. With p_after: the first page after it (below
+-- p_before when given); otherwise the latest page (below p_before when given).
+-- has_more = more exist in the paging direction. Both branches are backward or
+-- forward range scans of messages (conversation_id, id) reading limit+1 rows.
+create or replace function parley_history(p_conversation bigint, p_viewer text,
+    p_before bigint, p_after bigint, p_limit integer)
+returns text
+language plpgsql stable
+set search_path from current
+as $$
+declare
+    v_limit integer := least(greatest(coalesce(p_limit, 50), 1), 1000);
+    v_before bigint := coalesce(p_before, 9223372036854775807);
+    f record;
+    v_messages json;
+    v_more boolean;
+begin
+    if p_viewer is null then
+        perform 1 from conversations where id = p_conversation;
+    else
+        perform 1 from participants where conversation_id = p_conversation and user_id = p_viewer;
+    end if;
+    if not found then
+        perform parley_fail(404, 'not_found', 'no such conversation, or not a participant');
+    end if;
+
+    select * into f from parley_read_floor(p_conversation);
+
+    if p_after is not null then
+        select coalesce(json_agg(parley_message_json(page.m, page.name,
+                            parley_is_read((page.m).id, (page.m).sender_id,
+                                           f.min_user, f.min_read, f.next_read))
+                        order by (page.m).id) filter (where page.n <= v_limit), '[]'),
+               count(*) > v_limit
+          into v_messages, v_more
+          from (select m, u.name, row_number() over (order by m.id) as n
+                  from messages m
+                  left join users u on u.id = m.sender_id
+                 where m.conversation_id = p_conversation
+                   and m.id > p_after and m.id < v_before
+                 order by m.id
+                 limit v_limit + 1) page;
+    else
+        select coalesce(json_agg(parley_message_json(page.m, page.name,
+                            parley_is_read((page.m).id, (page.m).sender_id,
+                                           f.min_user, f.min_read, f.next_read))
+                        order by (page.m).id) filter (where page.n <= v_limit), '[]'),
+               count(*) > v_limit
+          into v_messages, v_more
+          from (select m, u.name, row_number() over (order by m.id desc) as n
+                  from messages m
+                  left join users u on u.id = m.sender_id
+                 where m.conversation_id = p_conversation
+                   and m.id < v_before
+                 order by m.id desc
+                 limit v_limit + 1) page;
+    end if;
+
+    return json_build_object('messages', v_messages, 'has_more', v_more)::text;
+end
+$$;

@@ -1,0 +1,582 @@
+/*
+ * Copyright (c) 2026 The Parley developers.
+ *
+ * Permission to use, copy, modify, and distribute this software for any
+ * purpose with or without fee is hereby granted, provided that the above
+ * copyright notice and this permission notice appear in all copies.
+ *
+ * THE SOFTWARE IS PROVIDED "AS IS" AND THE AUTHOR DISCLAIMS ALL WARRANTIES
+ * WITH REGARD TO THIS SOFTWARE INCLUDING ALL IMPLIED WARRANTIES OF
+ * MERCHANTABILITY AND FITNESS. IN NO EVENT SHALL THE AUTHOR BE LIABLE FOR
+ * ANY SPECIAL, DIRECT, INDIRECT, OR CONSEQUENTIAL DAMAGES OR ANY DAMAGES
+ * WHATSOEVER RESULTING FROM LOSS OF USE, DATA OR PROFITS, WHETHER IN AN
+ * ACTION OF CONTRACT, NEGLIGENCE OR OTHER TORTIOUS ACTION, ARISING OUT OF
+ * OR IN CONNECTION WITH THE USE OR PERFORMANCE OF THIS SOFTWARE.
+ */
+
+/*
+ * The worker's database pool: a few nonblocking libpq connections driven
+ * by Kore's event loop. Kore's own pgsql pool keeps dead connections,
+ * drops callbacks on hangup and can take the worker down when a backend is
+ * killed (KORE-NOTES section 0, items 6-9); this pool owns its sockets, so
+ * a dead connection fails its one query, reconnects with backoff and never
+ * touches the others.
+ *
+ * Every query gets exactly one callback (unless cancelled by its owner),
+ * with the first result of the statement or an error.
+ */
+
+#include <sys/types.h>
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "parley.h"
+
+#define DB_CONN_DOWN		0
+#define DB_CONN_CONNECTING	1
+#define DB_CONN_IDLE		2
+#define DB_CONN_BUSY		3
+
+#define DB_BACKOFF_MIN		100
+#define DB_BACKOFF_MAX		5000
+#define DB_CONNECT_POLL		5
+#define DB_QUERY_TIMEOUT	15000
+#define DB_QUEUE_LIMIT		20000
+#define DB_MIGRATE_RETRY_MAX	5000
+
+struct db_query {
+	TAILQ_ENTRY(db_query)	list;
+	const char		*sql;
+	int			nparams;
+	char			*params[DB_PARAMS_MAX];
+	db_cb			cb;
+	void			*arg;
+	u_int64_t		started;
+};
+
+struct db_conn {
+	struct kore_event	evt;
+	PGconn			*pg;
+	int			fd;
+	int			state;
+	u_int64_t		backoff;
+	struct kore_timer	*timer;
+	struct db_query		*query;
+	PGresult		*result;
+};
+
+TAILQ_HEAD(db_query_list, db_query);
+
+static void	db_migrate(void *, u_int64_t);
+static void	db_conn_start(struct db_conn *);
+static void	db_conn_poll(void *, u_int64_t);
+static void	db_conn_retry(void *, u_int64_t);
+static void	db_conn_event(void *, int);
+static void	db_conn_fail(struct db_conn *, const char *);
+static void	db_conn_dispatch(struct db_conn *);
+static void	db_conn_flush(void *, u_int64_t);
+static void	db_conn_complete(struct db_conn *);
+static void	db_sweep(void *, u_int64_t);
+static void	db_query_finish(struct db_query *, PGresult *, const char *);
+static void	db_query_free(struct db_query *);
+static void	db_notice(void *, const char *);
+
+static struct db_conn		*db_conns;
+static struct db_query_list	db_queue;
+static size_t			db_queue_len;
+static int			db_migrated;
+static int			db_stopping;
+static u_int64_t		db_migrate_backoff;
+
+void
+db_init(void)
+{
+	TAILQ_INIT(&db_queue);
+	db_queue_len = 0;
+	db_migrated = 0;
+	db_migrate_backoff = DB_BACKOFF_MIN;
+
+	db_conns = kore_calloc(parley_cfg.db_pool_size, sizeof(*db_conns));
+
+	(void)kore_timer_add(db_sweep, 1000, NULL, 0);
+	db_migrate(NULL, 0);
+}
+
+/*
+ * Bring the schema up to date before the pool opens. This one connect is
+ * blocking (bounded by connect_timeout) but happens only until it
+ * succeeds once per worker; meanwhile queries fail fast as unavailable and
+ * /readyz answers 503.
+ */
+static void
+db_migrate(void *unused, u_int64_t now)
+{
+	PGconn		*pg;
+	int		i;
+
+	if ((pg = db_connect_blocking()) != NULL && migrate_run(pg)) {
+		PQfinish(pg);
+		db_migrated = 1;
+		kore_log(LOG_NOTICE, "database ready, schema up to date");
+		for (i = 0; i < parley_cfg.db_pool_size; i++)
+			db_conn_start(&db_conns[i]);
+		return;
+	}
+
+	if (pg != NULL)
+		PQfinish(pg);
+
+	kore_log(LOG_NOTICE, "database unavailable, retrying in %llu ms",
+	    (unsigned long long)db_migrate_backoff);
+	(void)kore_timer_add(db_migrate, db_migrate_backoff, NULL,
+	    KORE_TIMER_ONESHOT);
+
+	db_migrate_backoff *= 2;
+	if (db_migrate_backoff > DB_MIGRATE_RETRY_MAX)
+		db_migrate_backoff = DB_MIGRATE_RETRY_MAX;
+}
+
+PGconn *
+db_connect_blocking(void)
+{
+	PGconn		*pg;
+
+	pg = PQconnectdbParams(parley_cfg.db_keywords,
+	    parley_cfg.db_values, 0);
+	if (pg == NULL)
+		return (NULL);
+
+	PQsetNoticeProcessor(pg, db_notice, NULL);
+	if (PQstatus(pg) != CONNECTION_OK) {
+		kore_log(LOG_NOTICE, "database: %s",
+		    PQerrorMessage(pg));
+		PQfinish(pg);
+		return (NULL);
+	}
+
+	return (pg);
+}
+
+/* Ready means migrated and at least one pooled connection is up. */
+int
+db_ready(void)
+{
+	int		i;
+
+	if (!db_migrated)
+		return (0);
+
+	for (i = 0; i < parley_cfg.db_pool_size; i++) {
+		if (db_conns[i].state >= DB_CONN_IDLE)
+			return (1);
+	}
+
+	return (0);
+}
+
+/* Queries accepted and not yet answered: what a drain waits for. */
+size_t
+db_inflight(void)
+{
+	size_t		n;
+	int		i;
+
+	n = db_queue_len;
+	for (i = 0; i < parley_cfg.db_pool_size; i++) {
+		if (db_conns[i].query != NULL)
+			n++;
+	}
+
+	return (n);
+}
+
+/*
+ * Queue `sql` with up to DB_PARAMS_MAX text parameters (NULL is SQL NULL).
+ * Parameters are copied. When no connection can take it soon (not
+ * migrated, every connection down, queue full) the callback runs at once
+ * with an error, so callers never wait on a dead database.
+ */
+struct db_query *
+db_query(const char *sql, int nparams, const char *const *params, db_cb cb,
+    void *arg)
+{
+	struct db_query		*q;
+	int			i;
+
+	if (nparams > DB_PARAMS_MAX)
+		fatal("db_query: too many parameters (%d)", nparams);
+
+	q = kore_calloc(1, sizeof(*q));
+	q->sql = sql;
+	q->cb = cb;
+	q->arg = arg;
+	q->nparams = nparams;
+	for (i = 0; i < nparams; i++) {
+		if (params[i] != NULL)
+			q->params[i] = kore_strdup(params[i]);
+	}
+
+	if (!db_ready() || db_queue_len >= DB_QUEUE_LIMIT) {
+		db_query_finish(q, NULL, "database unavailable");
+		return (NULL);
+	}
+
+	TAILQ_INSERT_TAIL(&db_queue, q, list);
+	db_queue_len++;
+
+	for (i = 0; i < parley_cfg.db_pool_size; i++) {
+		if (db_conns[i].state == DB_CONN_IDLE) {
+			db_conn_dispatch(&db_conns[i]);
+			break;
+		}
+	}
+
+	return (q);
+}
+
+/* The owner is going away: its callback must never run. */
+void
+db_cancel(struct db_query *q)
+{
+	int		i;
+
+	if (q == NULL)
+		return;
+
+	for (i = 0; i < parley_cfg.db_pool_size; i++) {
+		if (db_conns[i].query == q) {
+			q->cb = NULL;
+			return;
+		}
+	}
+
+	TAILQ_REMOVE(&db_queue, q, list);
+	db_queue_len--;
+	db_query_free(q);
+}
+
+void
+db_shutdown(void)
+{
+	struct db_query		*q;
+	int			i;
+
+	db_stopping = 1;
+	while ((q = TAILQ_FIRST(&db_queue)) != NULL) {
+		TAILQ_REMOVE(&db_queue, q, list);
+		db_queue_len--;
+		db_query_finish(q, NULL, "shutting down");
+	}
+
+	for (i = 0; i < parley_cfg.db_pool_size; i++) {
+		if (db_conns[i].pg != NULL)
+			db_conn_fail(&db_conns[i], "shutting down");
+	}
+}
+
+static void
+db_conn_start(struct db_conn *conn)
+{
+	conn->evt.type = KORE_TYPE_PGSQL_CONN;
+	conn->evt.flags = 0;
+	conn->evt.handle = db_conn_event;
+	conn->fd = -1;
+	conn->state = DB_CONN_CONNECTING;
+
+	conn->pg = PQconnectStartParams(parley_cfg.db_keywords,
+	    parley_cfg.db_values, 0);
+	if (conn->pg == NULL || PQstatus(conn->pg) == CONNECTION_BAD) {
+		db_conn_fail(conn, "connect failed");
+		return;
+	}
+
+	PQsetNoticeProcessor(conn->pg, db_notice, NULL);
+
+	/* libpq may swap sockets while connecting: poll until it is done. */
+	conn->timer = kore_timer_add(db_conn_poll, DB_CONNECT_POLL, conn, 0);
+}
+
+static void
+db_conn_poll(void *arg, u_int64_t now)
+{
+	struct db_conn		*conn = arg;
+
+	switch (PQconnectPoll(conn->pg)) {
+	case PGRES_POLLING_OK:
+		break;
+	case PGRES_POLLING_FAILED:
+		conn->timer->flags |= KORE_TIMER_ONESHOT;
+		conn->timer = NULL;
+		db_conn_fail(conn, PQerrorMessage(conn->pg));
+		return;
+	default:
+		return;
+	}
+
+	/* A timer cannot remove itself in Kore 4.1: let it expire. */
+	conn->timer->flags |= KORE_TIMER_ONESHOT;
+	conn->timer = NULL;
+
+	if (PQsetnonblocking(conn->pg, 1) == -1) {
+		db_conn_fail(conn, "cannot set nonblocking");
+		return;
+	}
+
+	conn->fd = PQsocket(conn->pg);
+	conn->state = DB_CONN_IDLE;
+	conn->backoff = DB_BACKOFF_MIN;
+	kore_platform_event_level_read(conn->fd, conn);
+
+	db_conn_dispatch(conn);
+}
+
+static void
+db_conn_retry(void *arg, u_int64_t now)
+{
+	struct db_conn		*conn = arg;
+
+	conn->timer = NULL;
+	db_conn_start(conn);
+}
+
+static void
+db_conn_event(void *arg, int error)
+{
+	struct db_conn		*conn = arg;
+	PGresult		*res;
+
+	conn->evt.flags &= ~(KORE_EVENT_READ | KORE_EVENT_WRITE);
+
+	if (conn->pg == NULL || conn->state < DB_CONN_IDLE)
+		return;
+
+	if (error) {
+		db_conn_fail(conn, "socket error or hangup");
+		return;
+	}
+
+	if (!PQconsumeInput(conn->pg)) {
+		db_conn_fail(conn, PQerrorMessage(conn->pg));
+		return;
+	}
+
+	while (conn->state == DB_CONN_BUSY && !PQisBusy(conn->pg)) {
+		if ((res = PQgetResult(conn->pg)) == NULL) {
+			db_conn_complete(conn);
+			break;
+		}
+		/* Keep the first result; a statement has one. */
+		if (conn->result == NULL)
+			conn->result = res;
+		else
+			PQclear(res);
+	}
+
+	if (PQstatus(conn->pg) == CONNECTION_BAD)
+		db_conn_fail(conn, PQerrorMessage(conn->pg));
+}
+
+static void
+db_conn_dispatch(struct db_conn *conn)
+{
+	struct db_query		*q;
+
+	if (conn->state != DB_CONN_IDLE || (q = TAILQ_FIRST(&db_queue)) == NULL)
+		return;
+
+	TAILQ_REMOVE(&db_queue, q, list);
+	db_queue_len--;
+
+	conn->query = q;
+	conn->state = DB_CONN_BUSY;
+	q->started = kore_time_ms();
+
+	if (!PQsendQueryParams(conn->pg, q->sql, q->nparams, NULL,
+	    (const char *const *)q->params, NULL, NULL, 0)) {
+		db_conn_fail(conn, PQerrorMessage(conn->pg));
+		return;
+	}
+
+	db_conn_flush(conn, 0);
+}
+
+/* Send what libpq still buffers; a full socket is retried shortly. */
+static void
+db_conn_flush(void *arg, u_int64_t now)
+{
+	struct db_conn		*conn = arg;
+
+	if (conn->state != DB_CONN_BUSY)
+		return;
+
+	switch (PQflush(conn->pg)) {
+	case 0:
+		break;
+	case 1:
+		(void)kore_timer_add(db_conn_flush, 1, conn,
+		    KORE_TIMER_ONESHOT);
+		break;
+	default:
+		db_conn_fail(conn, PQerrorMessage(conn->pg));
+		break;
+	}
+}
+
+static void
+db_conn_complete(struct db_conn *conn)
+{
+	struct db_query		*q;
+	PGresult		*res;
+
+	q = conn->query;
+	res = conn->result;
+	conn->query = NULL;
+	conn->result = NULL;
+	conn->state = DB_CONN_IDLE;
+
+	db_query_finish(q, res, NULL);
+	PQclear(res);
+
+	db_conn_dispatch(conn);
+}
+
+/*
+ * The connection is gone: answer its query with an error, close it and
+ * come back later. When no connection is left, queued queries fail now
+ * rather than wait for a database that may be down for minutes.
+ */
+static void
+db_conn_fail(struct db_conn *conn, const char *why)
+{
+	struct db_query		*q;
+	int			i;
+
+	if (conn->pg != NULL) {
+		if (!db_stopping) {
+			kore_log(LOG_NOTICE, "database connection lost: %.*s",
+			    (int)strcspn(why, "\n"), why);
+		}
+		/* libpq may have closed the socket itself already. */
+		if (conn->fd != -1 && PQsocket(conn->pg) == conn->fd)
+			kore_platform_disable_read(conn->fd);
+		PQfinish(conn->pg);
+		conn->pg = NULL;
+	}
+
+	conn->fd = -1;
+	conn->state = DB_CONN_DOWN;
+
+	if (conn->result != NULL) {
+		PQclear(conn->result);
+		conn->result = NULL;
+	}
+
+	if ((q = conn->query) != NULL) {
+		conn->query = NULL;
+		db_query_finish(q, NULL, "database connection lost");
+	}
+
+	if (conn->timer == NULL) {
+		conn->timer = kore_timer_add(db_conn_retry, conn->backoff,
+		    conn, KORE_TIMER_ONESHOT);
+	}
+	conn->backoff = conn->backoff ? conn->backoff * 2 : DB_BACKOFF_MIN;
+	if (conn->backoff > DB_BACKOFF_MAX)
+		conn->backoff = DB_BACKOFF_MAX;
+
+	for (i = 0; i < parley_cfg.db_pool_size; i++) {
+		if (db_conns[i].state >= DB_CONN_IDLE)
+			return;
+	}
+
+	while ((q = TAILQ_FIRST(&db_queue)) != NULL) {
+		TAILQ_REMOVE(&db_queue, q, list);
+		db_queue_len--;
+		db_query_finish(q, NULL, "database unavailable");
+	}
+}
+
+/* A query that hangs (a stalled server, a lost network) ends the conn. */
+static void
+db_sweep(void *unused, u_int64_t now)
+{
+	int		i;
+
+	for (i = 0; i < parley_cfg.db_pool_size; i++) {
+		if (db_conns[i].state == DB_CONN_BUSY &&
+		    now - db_conns[i].query->started > DB_QUERY_TIMEOUT)
+			db_conn_fail(&db_conns[i], "query timed out");
+	}
+}
+
+/*
+ * Turn a result into what callers need: ok, or an HTTP-like status with a
+ * protocol error code. Functions in sql/ raise SQLSTATE PXnnn with the
+ * protocol code as message (docs/DATA.md); anything else is internal.
+ */
+static void
+db_query_finish(struct db_query *q, PGresult *res, const char *why)
+{
+	struct db_result	r;
+	ExecStatusType		st;
+	const char		*state;
+
+	memset(&r, 0, sizeof(r));
+	r.res = res;
+
+	if (res == NULL) {
+		r.status = HTTP_STATUS_SERVICE_UNAVAILABLE;
+		r.code = "unavailable";
+		r.message = why;
+		metrics_db_error();
+	} else if ((st = PQresultStatus(res)) == PGRES_TUPLES_OK ||
+	    st == PGRES_COMMAND_OK) {
+		r.ok = 1;
+		r.status = HTTP_STATUS_OK;
+	} else {
+		state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+		if (state != NULL && state[0] == 'P' && state[1] == 'X') {
+			r.status = atoi(state + 2);
+			r.code = PQresultErrorField(res,
+			    PG_DIAG_MESSAGE_PRIMARY);
+			r.message = PQresultErrorField(res,
+			    PG_DIAG_MESSAGE_DETAIL);
+		} else {
+			r.status = HTTP_STATUS_INTERNAL_ERROR;
+			r.code = "internal";
+			r.message = "internal error";
+			kore_log(LOG_NOTICE, "query failed: %s: %.*s",
+			    state ? state : "?",
+			    (int)strcspn(PQresultErrorMessage(res), "\n"),
+			    PQresultErrorMessage(res));
+			metrics_db_error();
+		}
+		if (r.code == NULL)
+			r.code = "internal";
+		if (r.message == NULL)
+			r.message = r.code;
+	}
+
+	if (q->cb != NULL)
+		q->cb(&r, q->arg);
+
+	db_query_free(q);
+}
+
+static void
+db_query_free(struct db_query *q)
+{
+	int		i;
+
+	for (i = 0; i < q->nparams; i++)
+		kore_free(q->params[i]);
+	kore_free(q);
+}
+
+/* Server notices (e.g. on termination) go to our log, one line each. */
+static void
+db_notice(void *arg, const char *msg)
+{
+	kore_log(LOG_NOTICE, "database: %.*s", (int)strcspn(msg, "\n"), msg);
+}

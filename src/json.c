@@ -1,0 +1,129 @@
+/*
+ * Copyright (c) 2026 The Parley developers.
+ *
+ * Permission to use, copy, modify, and distribute this software for any
+ * purpose with or without fee is hereby granted, provided that the above
+ * copyright notice and this permission notice appear in all copies.
+ *
+ * THE SOFTWARE IS PROVIDED "AS IS" AND THE AUTHOR DISCLAIMS ALL WARRANTIES
+ * WITH REGARD TO THIS SOFTWARE INCLUDING ALL IMPLIED WARRANTIES OF
+ * MERCHANTABILITY AND FITNESS. IN NO EVENT SHALL THE AUTHOR BE LIABLE FOR
+ * ANY SPECIAL, DIRECT, INDIRECT, OR CONSEQUENTIAL DAMAGES OR ANY DAMAGES
+ * WHATSOEVER RESULTING FROM LOSS OF USE, DATA OR PROFITS, WHETHER IN AN
+ * ACTION OF CONTRACT, NEGLIGENCE OR OTHER TORTIOUS ACTION, ARISING OUT OF
+ * OR IN CONNECTION WITH THE USE OR PERFORMANCE OF THIS SOFTWARE.
+ */
+
+/*
+ * The little JSON writing Parley does in C: most frames are rendered by
+ * PostgreSQL and passed through untouched, so all we need is a correct
+ * string escaper and UTF-8 checks for what clients send.
+ */
+
+#include <sys/types.h>
+
+#include <stdio.h>
+
+#include "parley.h"
+
+/* Append s (len bytes of valid UTF-8) as a quoted JSON string. */
+void
+json_append_string(struct kore_buf *buf, const char *s, size_t len)
+{
+	const u_int8_t	*p, *end, *run;
+	char		esc[8];
+
+	kore_buf_append(buf, "\"", 1);
+
+	run = (const u_int8_t *)s;
+	end = run + len;
+	for (p = run; p < end; p++) {
+		if (*p >= 0x20 && *p != '"' && *p != '\\')
+			continue;
+
+		kore_buf_append(buf, run, p - run);
+		switch (*p) {
+		case '"':
+			kore_buf_append(buf, "\\\"", 2);
+			break;
+		case '\\':
+			kore_buf_append(buf, "\\\\", 2);
+			break;
+		case '\n':
+			kore_buf_append(buf, "\\n", 2);
+			break;
+		case '\r':
+			kore_buf_append(buf, "\\r", 2);
+			break;
+		case '\t':
+			kore_buf_append(buf, "\\t", 2);
+			break;
+		default:
+			(void)snprintf(esc, sizeof(esc), "\\u%04x", *p);
+			kore_buf_append(buf, esc, 6);
+			break;
+		}
+		run = p + 1;
+	}
+
+	kore_buf_append(buf, run, end - run);
+	kore_buf_append(buf, "\"", 1);
+}
+
+/* Strict UTF-8 (RFC 3629): no overlongs, surrogates or > U+10FFFF. */
+int
+json_utf8_valid(const u_int8_t *s, size_t len)
+{
+	size_t		i, n, k;
+	u_int32_t	cp, min;
+
+	for (i = 0; i < len; i += n) {
+		if (s[i] < 0x80) {
+			n = 1;
+			continue;
+		} else if ((s[i] & 0xe0) == 0xc0) {
+			n = 2;
+			cp = s[i] & 0x1f;
+			min = 0x80;
+		} else if ((s[i] & 0xf0) == 0xe0) {
+			n = 3;
+			cp = s[i] & 0x0f;
+			min = 0x800;
+		} else if ((s[i] & 0xf8) == 0xf0) {
+			n = 4;
+			cp = s[i] & 0x07;
+			min = 0x10000;
+		} else {
+			return (0);
+		}
+
+		if (i + n > len)
+			return (0);
+		for (k = 1; k < n; k++) {
+			if ((s[i + k] & 0xc0) != 0x80)
+				return (0);
+			cp = (cp << 6) | (s[i + k] & 0x3f);
+		}
+
+		if (cp < min || cp > 0x10ffff ||
+		    (cp >= 0xd800 && cp <= 0xdfff))
+			return (0);
+	}
+
+	return (1);
+}
+
+/* Code points in valid UTF-8: every byte that does not continue one. */
+size_t
+json_utf8_length(const u_int8_t *s, size_t len)
+{
+	size_t		i, n;
+
+	n = 0;
+	for (i = 0; i < len; i++) {
+		if ((s[i] & 0xc0) != 0x80)
+			n++;
+	}
+
+	return (n);
+}

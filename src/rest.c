@@ -1,0 +1,254 @@
+/*
+ * Copyright (c) 2026 The Parley developers.
+ *
+ * Permission to use, copy, modify, and distribute this software for any
+ * purpose with or without fee is hereby granted, provided that the above
+ * copyright notice and this permission notice appear in all copies.
+ *
+ * THE SOFTWARE IS PROVIDED "AS IS" AND THE AUTHOR DISCLAIMS ALL WARRANTIES
+ * WITH REGARD TO THIS SOFTWARE INCLUDING ALL IMPLIED WARRANTIES OF
+ * MERCHANTABILITY AND FITNESS. IN NO EVENT SHALL THE AUTHOR BE LIABLE FOR
+ * ANY SPECIAL, DIRECT, INDIRECT, OR CONSEQUENTIAL DAMAGES OR ANY DAMAGES
+ * WHATSOEVER RESULTING FROM LOSS OF USE, DATA OR PROFITS, WHETHER IN AN
+ * ACTION OF CONTRACT, NEGLIGENCE OR OTHER TORTIOUS ACTION, ARISING OUT OF
+ * OR IN CONNECTION WITH THE USE OR PERFORMANCE OF THIS SOFTWARE.
+ */
+
+/*
+ * What every REST endpoint shares: the JSON error object, method and
+ * identity checks, request bodies, and the one shape all of them have:
+ * validate, call one SQL function, answer with the JSON it returned. The
+ * request sleeps while its query runs and is woken by the db callback.
+ */
+
+#include <sys/types.h>
+
+#include <string.h>
+#include <strings.h>
+
+#include "parley.h"
+
+struct rest_call {
+	struct db_query		*query;
+	int			done;
+	int			status;
+	int			ok_status;
+	rest_finish_fn		finish;
+	struct kore_buf		*body;
+};
+
+static void	rest_call_free(struct http_request *);
+static void	rest_query_done(struct db_result *, void *);
+static void	rest_error_body(struct kore_buf *, const char *, const char *);
+
+void
+rest_reply(struct http_request *req, int status, const void *body, size_t len)
+{
+	http_response_header(req, "content-type", "application/json");
+	http_response_header(req, "cache-control", "no-store");
+	http_response(req, status, body, len);
+}
+
+void
+rest_error(struct http_request *req, int status, const char *code,
+    const char *message)
+{
+	struct kore_buf		buf;
+
+	kore_buf_init(&buf, 128);
+	rest_error_body(&buf, code, message);
+	rest_reply(req, status, buf.data, buf.offset);
+	kore_buf_cleanup(&buf);
+}
+
+/* 405 unless the method is one of `allowed` (HTTP_METHOD_* bits). */
+int
+rest_method(struct http_request *req, int allowed)
+{
+	if (req->method & allowed)
+		return (KORE_RESULT_OK);
+
+	rest_error(req, HTTP_STATUS_METHOD_NOT_ALLOWED, "method_not_allowed",
+	    "this method is not allowed here");
+	return (KORE_RESULT_ERROR);
+}
+
+/*
+ * The caller's identity, answered with 401 when the token is missing or
+ * bad and 403 when it is the wrong kind (REST_USER, REST_SERVICE).
+ */
+int
+rest_identity(struct http_request *req, int need, struct identity *id)
+{
+	int		subproto;
+
+	if (auth_request(req, 0, id, &subproto) != AUTH_OK) {
+		rest_error(req, HTTP_STATUS_UNAUTHORIZED, "unauthenticated",
+		    "a valid access token is required");
+		return (KORE_RESULT_ERROR);
+	}
+
+	if ((need == REST_USER && id->service) ||
+	    (need == REST_SERVICE && !id->service)) {
+		rest_error(req, HTTP_STATUS_FORBIDDEN, "forbidden",
+		    need == REST_USER ? "this endpoint is for user tokens" :
+		    "this endpoint is for service tokens");
+		return (KORE_RESULT_ERROR);
+	}
+
+	return (KORE_RESULT_OK);
+}
+
+/*
+ * Parse the JSON object body. No body at all yields an empty object;
+ * a body needs Content-Type application/json (415), must fit the limit
+ * (413), parse (400 invalid_json) and be an object (400 invalid_payload).
+ */
+int
+rest_body(struct http_request *req, yajl_val *out)
+{
+	const char	*ctype;
+	char		*text;
+	size_t		len;
+
+	*out = NULL;
+	len = req->http_body != NULL ? req->http_body->offset : 0;
+
+	if (len == 0) {
+		*out = yajl_tree_parse("{}", NULL, 0);
+		return (KORE_RESULT_OK);
+	}
+
+	if (!http_request_header(req, "content-type", &ctype) ||
+	    strncasecmp(ctype, "application/json", 16) ||
+	    (ctype[16] != '\0' && ctype[16] != ';' && ctype[16] != ' ')) {
+		rest_error(req, HTTP_STATUS_UNSUPPORTED_MEDIA_TYPE,
+		    "unsupported_media_type",
+		    "request bodies must be application/json");
+		return (KORE_RESULT_ERROR);
+	}
+
+	if (len > REST_BODY_MAX) {
+		rest_error(req, HTTP_STATUS_REQUEST_ENTITY_TOO_LARGE,
+		    "payload_too_large", "the request body is too large");
+		return (KORE_RESULT_ERROR);
+	}
+
+	text = kore_buf_stringify(req->http_body, NULL);
+	if (!json_utf8_valid((const u_int8_t *)text, len) ||
+	    strlen(text) != len ||
+	    (*out = yajl_tree_parse(text, NULL, 0)) == NULL) {
+		rest_error(req, HTTP_STATUS_BAD_REQUEST, "invalid_json",
+		    "the body is not valid JSON");
+		return (KORE_RESULT_ERROR);
+	}
+
+	if (!YAJL_IS_OBJECT(*out)) {
+		yajl_tree_free(*out);
+		*out = NULL;
+		rest_error(req, HTTP_STATUS_BAD_REQUEST, "invalid_payload",
+		    "the body must be a JSON object");
+		return (KORE_RESULT_ERROR);
+	}
+
+	return (KORE_RESULT_OK);
+}
+
+/*
+ * Run one query for this request and answer with its result: by default
+ * the text of row 0, column 0 with `ok_status`; `finish` (optional) may
+ * pick another status or body. Returns what the handler must return.
+ */
+int
+rest_query(struct http_request *req, int ok_status, const char *sql,
+    int nparams, const char *const *params, rest_finish_fn finish)
+{
+	struct rest_call	*call;
+	struct db_query		*q;
+
+	call = http_state_create(req, sizeof(*call), rest_call_free);
+	call->ok_status = ok_status;
+	call->finish = finish;
+	call->body = kore_buf_alloc(256);
+
+	/* The callback may run at once when the database is down. */
+	q = db_query(sql, nparams, params, rest_query_done, req);
+	if (call->done)
+		return (rest_resume(req));
+
+	call->query = q;
+	http_request_sleep(req);
+	return (KORE_RESULT_RETRY);
+}
+
+/* Called again by Kore after the wakeup: send what the query produced. */
+int
+rest_resume(struct http_request *req)
+{
+	struct rest_call	*call;
+
+	call = http_state_get(req);
+	if (!call->done)
+		return (KORE_RESULT_RETRY);
+
+	rest_reply(req, call->status, call->body->data, call->body->offset);
+	return (KORE_RESULT_OK);
+}
+
+static void
+rest_query_done(struct db_result *r, void *arg)
+{
+	struct http_request	*req = arg;
+	struct rest_call	*call;
+
+	call = http_state_get(req);
+	call->query = NULL;
+	call->done = 1;
+
+	if (!r->ok) {
+		call->status = r->status;
+		rest_error_body(call->body, r->code, r->message);
+	} else if (call->finish != NULL) {
+		call->status = call->finish(r, call->ok_status, call->body);
+	} else if (PQntuples(r->res) == 1 && PQnfields(r->res) >= 1) {
+		call->status = call->ok_status;
+		kore_buf_append(call->body, PQgetvalue(r->res, 0, 0),
+		    PQgetlength(r->res, 0, 0));
+	} else {
+		call->status = HTTP_STATUS_INTERNAL_ERROR;
+		rest_error_body(call->body, "internal", "empty result");
+	}
+
+	http_request_wakeup(req);
+}
+
+static void
+rest_call_free(struct http_request *req)
+{
+	struct rest_call	*call;
+
+	call = http_state_get(req);
+	if (!call->done)
+		db_cancel(call->query);
+	kore_buf_free(call->body);
+	http_state_cleanup(req);
+}
+
+static void
+rest_error_body(struct kore_buf *buf, const char *code, const char *message)
+{
+	kore_buf_reset(buf);
+	kore_buf_appendf(buf, "{\"error\":{\"code\":");
+	json_append_string(buf, code, strlen(code));
+	kore_buf_appendf(buf, ",\"message\":");
+	json_append_string(buf, message, strlen(message));
+	kore_buf_appendf(buf, "}}");
+}
+
+/* Every path no route claims: JSON 404 whatever the token. */
+int
+rest_not_found(struct http_request *req)
+{
+	rest_error(req, HTTP_STATUS_NOT_FOUND, "not_found", "no such resource");
+	return (KORE_RESULT_OK);
+}

@@ -1,0 +1,113 @@
+/*
+ * Copyright (c) 2026 The Parley developers.
+ *
+ * Permission to use, copy, modify, and distribute this software for any
+ * purpose with or without fee is hereby granted, provided that the above
+ * copyright notice and this permission notice appear in all copies.
+ *
+ * THE SOFTWARE IS PROVIDED "AS IS" AND THE AUTHOR DISCLAIMS ALL WARRANTIES
+ * WITH REGARD TO THIS SOFTWARE INCLUDING ALL IMPLIED WARRANTIES OF
+ * MERCHANTABILITY AND FITNESS. IN NO EVENT SHALL THE AUTHOR BE LIABLE FOR
+ * ANY SPECIAL, DIRECT, INDIRECT, OR CONSEQUENTIAL DAMAGES OR ANY DAMAGES
+ * WHATSOEVER RESULTING FROM LOSS OF USE, DATA OR PROFITS, WHETHER IN AN
+ * ACTION OF CONTRACT, NEGLIGENCE OR OTHER TORTIOUS ACTION, ARISING OUT OF
+ * OR IN CONNECTION WITH THE USE OR PERFORMANCE OF THIS SOFTWARE.
+ */
+
+#include <sys/types.h>
+
+#include <ctype.h>
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "parley.h"
+
+static int	util_hexval(int);
+
+/* A whole decimal integer within [min, max], nothing before or after it. */
+int
+util_parse_int64(const char *s, int64_t min, int64_t max, int64_t *out)
+{
+	long long	v;
+	char		*end;
+
+	if (s == NULL || *s == '\0' || isspace((unsigned char)*s))
+		return (KORE_RESULT_ERROR);
+
+	errno = 0;
+	v = strtoll(s, &end, 10);
+	if (errno != 0 || *end != '\0' || v < min || v > max)
+		return (KORE_RESULT_ERROR);
+
+	*out = v;
+	return (KORE_RESULT_OK);
+}
+
+/*
+ * Copy the URL-decoded value of query parameter `name` into out.
+ * Kore's own argument parsing only keeps parameters listed in a params
+ * block, and we need the raw string for tokens, so we read it ourselves.
+ */
+int
+util_query_get(struct http_request *req, const char *name, char *out,
+    size_t outlen)
+{
+	const char	*p, *end, *amp;
+	size_t		nlen, i;
+	int		hi, lo;
+
+	if (req->query_string == NULL)
+		return (KORE_RESULT_ERROR);
+
+	nlen = strlen(name);
+	for (p = req->query_string; *p != '\0'; p = amp + 1) {
+		if ((amp = strchr(p, '&')) == NULL)
+			amp = p + strlen(p);
+
+		if ((size_t)(amp - p) > nlen && p[nlen] == '=' &&
+		    !strncmp(p, name, nlen)) {
+			i = 0;
+			for (p += nlen + 1, end = amp; p < end; p++) {
+				if (i + 1 >= outlen)
+					return (KORE_RESULT_ERROR);
+				if (*p == '%' && end - p >= 3 &&
+				    (hi = util_hexval(p[1])) != -1 &&
+				    (lo = util_hexval(p[2])) != -1) {
+					out[i++] = (char)(hi << 4 | lo);
+					p += 2;
+				} else if (*p == '+') {
+					out[i++] = ' ';
+				} else {
+					out[i++] = *p;
+				}
+			}
+			out[i] = '\0';
+			return (KORE_RESULT_OK);
+		}
+
+		if (*amp == '\0')
+			break;
+	}
+
+	return (KORE_RESULT_ERROR);
+}
+
+int64_t
+util_now(void)
+{
+	return ((int64_t)time(NULL));
+}
+
+static int
+util_hexval(int c)
+{
+	if (c >= '0' && c <= '9')
+		return (c - '0');
+	if (c >= 'a' && c <= 'f')
+		return (c - 'a' + 10);
+	if (c >= 'A' && c <= 'F')
+		return (c - 'A' + 10);
+	return (-1);
+}

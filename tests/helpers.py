@@ -1,0 +1,298 @@
+"""Client-side helpers for Parley's tests: tokens, REST calls, sockets,
+and the PostgreSQL cluster and server processes the fixtures manage."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+
+import jwt
+import requests
+import websocket
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PG_BIN = "/usr/lib/postgresql/15/bin"
+SECRET = "test-secret-for-parley"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def new_id(prefix="u"):
+    return "%s-%s" % (prefix, uuid.uuid4().hex[:12])
+
+
+def make_token(user_id, name=None, exp_in=3600, secret=SECRET,
+               alg="HS256", **claims):
+    """A user access token like simplejwt would issue."""
+    now = int(time.time())
+    payload = {"exp": now + exp_in, "iat": now, "token_type": "access"}
+    if user_id is not None:
+        payload["user_id"] = user_id
+    if name is not None:
+        payload["name"] = name
+    payload.update(claims)
+    return jwt.encode(payload, secret, algorithm=alg)
+
+
+def service_token(exp_in=3600, scope="service", **claims):
+    return make_token(None, exp_in=exp_in, scope=scope, **claims)
+
+
+def as_root():
+    return os.geteuid() == 0
+
+
+def run_as_pg(args, **kw):
+    """PostgreSQL refuses to run as root: run its tools as postgres."""
+    if as_root():
+        args = ["runuser", "-u", "postgres", "--"] + args
+    return subprocess.run(args, check=True, capture_output=True, **kw)
+
+
+class PgCluster:
+    """A throwaway PostgreSQL cluster on a free port."""
+
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="parley-pg-")
+        if as_root():
+            shutil.chown(self.dir, "postgres", "postgres")
+        self.data = os.path.join(self.dir, "data")
+        self.port = free_port()
+        run_as_pg([PG_BIN + "/initdb", "-D", self.data, "-A", "trust",
+                   "-U", "postgres", "-E", "UTF8", "--locale=C.UTF-8"])
+        self.start()
+        run_as_pg([PG_BIN + "/createdb", "-h", "127.0.0.1", "-p",
+                   str(self.port), "-U", "postgres", "parley"])
+
+    @property
+    def url(self):
+        return "postgresql://postgres@127.0.0.1:%d/parley" % self.port
+
+    def start(self):
+        opts = ("-p %d -k %s -c listen_addresses=127.0.0.1 -c fsync=off "
+                "-c synchronous_commit=off -c full_page_writes=off "
+                "-c max_connections=300" % (self.port, self.dir))
+        run_as_pg([PG_BIN + "/pg_ctl", "-D", self.data, "-l",
+                   os.path.join(self.dir, "log"), "-w", "-o", opts, "start"])
+
+    def stop(self):
+        run_as_pg([PG_BIN + "/pg_ctl", "-D", self.data, "-m", "fast", "-w",
+                   "stop"])
+
+    def restart(self):
+        self.stop()
+        self.start()
+
+    def connect(self, dbname="parley"):
+        import psycopg2
+        conn = psycopg2.connect(host="127.0.0.1", port=self.port,
+                                user="postgres", dbname=dbname)
+        conn.autocommit = True
+        return conn
+
+    def destroy(self):
+        try:
+            self.stop()
+        except subprocess.CalledProcessError:
+            pass
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def server_binary():
+    path = os.environ.get("PARLEY_BIN")
+    if path:
+        return path
+    out = subprocess.run(["bash", "-c", "source scripts/lib.sh && build dev"],
+                         cwd=ROOT, check=True, capture_output=True, text=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+class Server:
+    """The real Parley binary, started with -f -n -r in its own directory
+    (Kore writes kore.pid into the working directory)."""
+
+    def __init__(self, binary, env):
+        self.binary = binary
+        self.env = dict(env)
+        self.dir = tempfile.mkdtemp(prefix="parley-srv-")
+        self.log_path = os.path.join(self.dir, "server.log")
+        self.proc = None
+        self.port = int(self.env["PARLEY_LISTEN"].rsplit(":", 1)[1])
+
+    @property
+    def base(self):
+        return "http://127.0.0.1:%d" % self.port
+
+    @property
+    def ws_base(self):
+        return "ws://127.0.0.1:%d" % self.port
+
+    def start(self, wait="ready", timeout=30):
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+               "HOME": self.dir}
+        env.update(self.env)
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([self.binary, "-f", "-n", "-r"],
+                                     cwd=self.dir, env=env, stdout=self.log,
+                                     stderr=subprocess.STDOUT)
+        if wait:
+            self.wait(wait, timeout)
+        return self
+
+    def wait(self, what="ready", timeout=30):
+        path = "/readyz" if what == "ready" else "/healthz"
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("server exited with %s:\n%s" %
+                                   (self.proc.returncode, self.output()))
+            try:
+                if requests.get(self.base + path, timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("server not %s in %ss:\n%s" %
+                           (what, timeout, self.output()))
+
+    def output(self):
+        with open(self.log_path, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+
+    def stop(self, sig=signal.SIGTERM, timeout=20):
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+    def restart(self, wait="ready"):
+        self.stop()
+        return self.start(wait=wait)
+
+    def worker_pids(self):
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)],
+                             capture_output=True, text=True)
+        return sorted(int(p) for p in out.stdout.split())
+
+    def destroy(self):
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def api(server, method, path, token=None, json_body=None, headers=None,
+        data=None, **kw):
+    h = dict(headers or {})
+    if token is not None:
+        h["Authorization"] = "Bearer " + token
+    return requests.request(method, server.base + path, json=json_body,
+                            data=data, headers=h, timeout=10, **kw)
+
+
+class Closed(Exception):
+    def __init__(self, code, reason):
+        super().__init__("closed %s %s" % (code, reason))
+        self.code = code
+        self.reason = reason
+
+
+class WS:
+    """A synchronous WebSocket client that understands Parley frames."""
+
+    def __init__(self, server, path, token=None, via="subprotocol",
+                 origin=None, timeout=10, subprotocols=None, header=None):
+        self.ws = websocket.WebSocket()
+        kw = {"timeout": timeout, "header": list(header or [])}
+        url = server.ws_base + path
+        if token is not None:
+            if via == "subprotocol":
+                kw["subprotocols"] = ["parley", "bearer." + token]
+            elif via == "query":
+                url += ("&" if "?" in url else "?") + "token=" + token
+            elif via == "header":
+                kw["header"].append("Authorization: Bearer " + token)
+            elif via == "cookie":
+                kw["cookie"] = "access_token=" + token
+        if subprotocols is not None:
+            kw["subprotocols"] = subprotocols
+        if origin is not None:
+            kw["origin"] = origin
+        self.ws.connect(url, **kw)
+        self.frames = []
+
+    @property
+    def subprotocol(self):
+        return self.ws.getsubprotocol()
+
+    def send(self, obj):
+        self.ws.send(json.dumps(obj) if not isinstance(obj, str) else obj)
+
+    def send_raw(self, data, opcode=websocket.ABNF.OPCODE_TEXT):
+        self.ws.send(data, opcode)
+
+    def recv(self, timeout=10):
+        """The next JSON frame; Closed when the server closes."""
+        self.ws.settimeout(max(timeout, 0.001))
+        while True:
+            try:
+                op, data = self.ws.recv_data(control_frame=True)
+            except (websocket.WebSocketTimeoutException, socket.timeout):
+                raise TimeoutError("no frame in %.1fs" % timeout)
+            except websocket.WebSocketConnectionClosedException:
+                raise Closed(None, "connection dropped")
+            if op == websocket.ABNF.OPCODE_CLOSE:
+                code = int.from_bytes(data[:2], "big") if len(data) >= 2 else None
+                raise Closed(code, data[2:].decode("utf-8", "replace"))
+            if op == websocket.ABNF.OPCODE_TEXT:
+                return json.loads(data)
+
+    def recv_until(self, pred, timeout=10):
+        """The first frame matching pred; frames before it are kept."""
+        deadline = time.time() + timeout
+        while True:
+            left = deadline - time.time()
+            if left <= 0:
+                raise TimeoutError("no matching frame; got %r" % self.frames[-5:])
+            frame = self.recv(left)
+            self.frames.append(frame)
+            if pred(frame):
+                return frame
+
+    def recv_type(self, typ, timeout=10):
+        return self.recv_until(lambda f: f.get("type") == typ, timeout)
+
+    def expect_close(self, timeout=10):
+        """Read until the server's close frame; returns (code, reason)."""
+        try:
+            self.recv_until(lambda f: False, timeout)
+        except Closed as c:
+            return c.code, c.reason
+        raise AssertionError("socket not closed")
+
+    def no_frame(self, pred=lambda f: True, wait=1.0):
+        """Assert no matching frame arrives within `wait` seconds."""
+        try:
+            frame = self.recv_until(pred, wait)
+        except TimeoutError:
+            return
+        raise AssertionError("unexpected frame %r" % frame)
+
+    def close(self):
+        try:
+            self.ws.close()
+        except Exception:
+            pass
