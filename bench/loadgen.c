@@ -177,6 +177,7 @@ struct opts {
 	int		 retries;
 	int		 reconnect;
 	int		 progress;
+	int		 show_lost;
 	long		 token_ttl;
 	int		 storm;
 	double		 storm_at;
@@ -773,6 +774,7 @@ usage(void)
 "  --token-ttl S             token lifetime (default 86400)\n"
 "  --label L                 copied into the result\n"
 "  --progress                a line per second on stderr\n"
+"  --show-lost N             name up to N lost deliveries on stderr\n"
 "  --mint USER               print a token for USER and exit\n");
 	exit(2);
 }
@@ -2028,7 +2030,7 @@ report(uint64_t t_begin, uint64_t t0, uint64_t t_send_end, uint64_t t_end,
 {
 	uint64_t	 lost = 0, lost_open = 0, lost_msgs = 0, user, sys;
 	double		 tw, dw;
-	int		 i, k, open_end = 0;
+	int		 i, k, open_end = 0, shown = 0;
 	uint32_t	 j;
 	FILE		*f = stdout;
 
@@ -2054,6 +2056,19 @@ report(uint64_t t_begin, uint64_t t0, uint64_t t_send_end, uint64_t t_end,
 					continue;
 				if (conns[i * nslots + k].state == CS_OPEN)
 					lost_open++;
+				if (shown < o.show_lost) {
+					shown++;
+					note("lost: conversation %" PRId64
+					    " message %u (server id %" PRId64
+					    ", sent at +%.3f s by slot %u) to "
+					    "slot %d (%s, last id %" PRId64 ")",
+					    cv->id, j, m->server_id,
+					    ((int64_t)m->t_send - (int64_t)t0) /
+					    1e6, m->sender, k,
+					    conns[i * nslots + k].dropped ?
+					    "dropped" : "kept",
+					    conns[i * nslots + k].last_id);
+				}
 			}
 		}
 	}
@@ -2250,6 +2265,7 @@ main(int argc, char *argv[])
 		{ "label", required_argument, NULL, 'L' },
 		{ "progress", no_argument, NULL, 'v' },
 		{ "mint", required_argument, NULL, 'm' },
+		{ "show-lost", required_argument, NULL, 'l' },
 		{ NULL, 0, NULL, 0 }
 	};
 	char		 host[256], port[32];
@@ -2319,6 +2335,7 @@ main(int argc, char *argv[])
 		case 'L': o.label = optarg; break;
 		case 'v': o.progress = 1; break;
 		case 'm': o.mint = optarg; break;
+		case 'l': o.show_lost = atoi(optarg); break;
 		default: usage();
 		}
 	}

@@ -170,7 +170,7 @@ $$;
 -- The socket 'message' event around a message object; replays carry "replay":true.
 create or replace function parley_message_event(p_message json, p_replay boolean)
 returns text
-language sql immutable
+language sql stable
 as $$
     select case when p_replay
                 then json_build_object('type', 'message', 'message', p_message, 'replay', true)

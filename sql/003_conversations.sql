@@ -116,12 +116,12 @@ $$;
 -- List cursor: "<updated_at in epoch microseconds>_<id>", exact for the keyset
 -- (updated_at desc, id desc). Clients treat it as opaque.
 create or replace function parley_cursor_encode(p_ts timestamptz, p_id bigint) returns text
-language sql immutable
+language sql stable
 as $$ select (extract(epoch from p_ts) * 1000000)::bigint || '_' || p_id $$;
 
 create or replace function parley_cursor_decode(p_cursor text,
     out ts timestamptz, out id bigint)
-language plpgsql immutable
+language plpgsql stable
 as $$
 begin
     if p_cursor !~ '^-?[0-9]{1,18}_[0-9]{1,19}$' then

@@ -23,6 +23,7 @@
 #include <sys/types.h>
 
 #include <stdio.h>
+#include <string.h>
 
 #include "parley.h"
 
@@ -126,4 +127,61 @@ json_utf8_length(const u_int8_t *s, size_t len)
 	}
 
 	return (n);
+}
+
+/* Write a parsed value back out as compact JSON. */
+void
+json_serialize(struct kore_buf *buf, yajl_val v)
+{
+	size_t		i;
+
+	if (v == NULL || YAJL_IS_NULL(v)) {
+		kore_buf_append(buf, "null", 4);
+	} else if (YAJL_IS_TRUE(v)) {
+		kore_buf_append(buf, "true", 4);
+	} else if (YAJL_IS_FALSE(v)) {
+		kore_buf_append(buf, "false", 5);
+	} else if (YAJL_IS_NUMBER(v)) {
+		kore_buf_appendf(buf, "%s", v->u.number.r);
+	} else if (YAJL_IS_STRING(v)) {
+		json_append_string(buf, v->u.string, strlen(v->u.string));
+	} else if (YAJL_IS_ARRAY(v)) {
+		kore_buf_append(buf, "[", 1);
+		for (i = 0; i < v->u.array.len; i++) {
+			if (i > 0)
+				kore_buf_append(buf, ",", 1);
+			json_serialize(buf, v->u.array.values[i]);
+		}
+		kore_buf_append(buf, "]", 1);
+	} else if (YAJL_IS_OBJECT(v)) {
+		kore_buf_append(buf, "{", 1);
+		for (i = 0; i < v->u.object.len; i++) {
+			if (i > 0)
+				kore_buf_append(buf, ",", 1);
+			json_append_string(buf, v->u.object.keys[i],
+			    strlen(v->u.object.keys[i]));
+			kore_buf_append(buf, ":", 1);
+			json_serialize(buf, v->u.object.values[i]);
+		}
+		kore_buf_append(buf, "}", 1);
+	}
+}
+
+/* Parse len bytes (not NUL-terminated) of UTF-8 JSON; NULL if invalid. */
+yajl_val
+json_parse(const void *data, size_t len)
+{
+	char		*text;
+	yajl_val	v;
+
+	if (!json_utf8_valid(data, len) || memchr(data, '\0', len) != NULL)
+		return (NULL);
+
+	text = kore_malloc(len + 1);
+	memcpy(text, data, len);
+	text[len] = '\0';
+	v = yajl_tree_parse(text, NULL, 0);
+	kore_free(text);
+
+	return (v);
 }

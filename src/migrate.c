@@ -43,6 +43,7 @@ static const struct migration migrations[] = {
 	{ 2, "002_messages", asset_002_messages_sql },
 	{ 3, "003_conversations", asset_003_conversations_sql },
 	{ 4, "004_notifications", asset_004_notifications_sql },
+	{ 5, "005_sockets", asset_005_sockets_sql },
 	{ 0, NULL, NULL },
 };
 

@@ -105,11 +105,29 @@ int		db_ready(void);
 size_t		db_inflight(void);
 PGconn		*db_connect_blocking(void);
 
+/* A validated send, from any of the accepted forms (message.c). */
+struct message_in {
+	char		type[16];
+	char		*content;
+	size_t		content_len;
+	char		*metadata;
+	char		client_id[PARLEY_CLIENT_ID_MAX + 1];
+	int		has_client_id;
+	const char	*error;
+	const char	*detail;
+};
+
+int	message_is_type(const char *);
+int	message_parse(yajl_val, int, struct message_in *);
+void	message_cleanup(struct message_in *);
+
 /* Schema migrations (migrate.c). */
 int	migrate_run(PGconn *);
 
 /* JSON helpers (json.c). */
 void	json_append_string(struct kore_buf *, const char *, size_t);
+void	json_serialize(struct kore_buf *, yajl_val);
+yajl_val	json_parse(const void *, size_t);
 int	json_utf8_valid(const u_int8_t *, size_t);
 size_t	json_utf8_length(const u_int8_t *, size_t);
 
@@ -161,5 +179,6 @@ void	metrics_render(struct kore_buf *);
 int	util_parse_int64(const char *, int64_t, int64_t, int64_t *);
 int	util_query_get(struct http_request *, const char *, char *, size_t);
 int64_t	util_now(void);
+int	util_path_id(struct http_request *, int, int64_t *);
 
 #endif

@@ -108,7 +108,6 @@ int
 rest_body(struct http_request *req, yajl_val *out)
 {
 	const char	*ctype;
-	char		*text;
 	size_t		len;
 
 	*out = NULL;
@@ -134,10 +133,7 @@ rest_body(struct http_request *req, yajl_val *out)
 		return (KORE_RESULT_ERROR);
 	}
 
-	text = kore_buf_stringify(req->http_body, NULL);
-	if (!json_utf8_valid((const u_int8_t *)text, len) ||
-	    strlen(text) != len ||
-	    (*out = yajl_tree_parse(text, NULL, 0)) == NULL) {
+	if ((*out = json_parse(req->http_body->data, len)) == NULL) {
 		rest_error(req, HTTP_STATUS_BAD_REQUEST, "invalid_json",
 		    "the body is not valid JSON");
 		return (KORE_RESULT_ERROR);

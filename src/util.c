@@ -18,6 +18,7 @@
 
 #include <ctype.h>
 #include <errno.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -110,4 +111,27 @@ util_hexval(int c)
 	if (c >= 'A' && c <= 'F')
 		return (c - 'A' + 10);
 	return (-1);
+}
+
+/* The numeric id captured by group `group` of the route's regex. */
+int
+util_path_id(struct http_request *req, int group, int64_t *out)
+{
+	char		buf[24];
+	size_t		len;
+	regoff_t	so, eo;
+
+	so = req->cgroups[group].rm_so;
+	eo = req->cgroups[group].rm_eo;
+	if (so < 0 || eo <= so)
+		return (KORE_RESULT_ERROR);
+
+	len = (size_t)(eo - so);
+	if (len >= sizeof(buf))
+		return (KORE_RESULT_ERROR);
+
+	memcpy(buf, req->path + so, len);
+	buf[len] = '\0';
+
+	return (util_parse_int64(buf, 1, INT64_MAX, out));
 }

@@ -1,0 +1,210 @@
+-- Open sockets of every worker of every instance, so that presence and the
+-- per-user socket cap hold across workers and instances (PROTOCOL.md 2, 8).
+-- Each worker is a "node" that says it is alive every few seconds; sockets of
+-- a node that stopped saying so (a crashed worker or instance) stop counting
+-- and are swept, with the presence changes that implies.
+--
+-- As in 002: functions that touch tables pin search_path to this schema.
+select set_config('search_path', quote_ident(current_schema()) || ', pg_temp', true);
+
+create unlogged table parley_nodes (
+    node    text primary key,
+    seen_at timestamptz not null default now()
+);
+
+create unlogged table parley_sockets (
+    node            text not null references parley_nodes on delete cascade,
+    socket_id       bigint not null,
+    user_id         text not null,
+    conversation_id bigint,         -- null for a notification socket
+    opened_at       timestamptz not null default now(),
+    primary key (node, socket_id)
+);
+
+create index parley_sockets_user on parley_sockets (user_id);
+create index parley_sockets_conversation on parley_sockets (conversation_id, user_id)
+    where conversation_id is not null;
+
+-- A node is alive while it has said so within this interval.
+create or replace function parley_node_ttl() returns interval
+language sql immutable as $$ select interval '30 seconds' $$;
+
+-- No SET clause on these two: it would keep the planner from inlining them.
+create or replace function parley_live_sockets() returns setof parley_sockets
+language sql stable
+as $$
+    select s.* from parley_sockets s
+      join parley_nodes n using (node)
+     where n.seen_at > now() - parley_node_ttl()
+$$;
+
+-- Whether the user has a live socket to the conversation.
+create or replace function parley_user_online(p_conversation bigint, p_user text)
+returns boolean
+language sql stable
+as $$
+    select exists (select 1 from parley_live_sockets()
+                    where conversation_id = p_conversation and user_id = p_user)
+$$;
+
+-- Register a socket: serialised per user so the cap cannot be raced past.
+create or replace function parley_socket_register(p_node text, p_socket bigint,
+                                                  p_user text, p_conversation bigint,
+                                                  p_max integer)
+returns void
+language plpgsql
+set search_path from current
+as $$
+begin
+    perform pg_advisory_xact_lock(hashtext('parley-user'), hashtext(p_user));
+    if (select count(*) from parley_live_sockets() where user_id = p_user) >= p_max then
+        perform parley_fail(429, 'too_many_connections',
+                            'this user already has the maximum number of sockets open');
+    end if;
+    insert into parley_nodes (node) values (p_node)
+        on conflict (node) do update set seen_at = now();
+    insert into parley_sockets (node, socket_id, user_id, conversation_id)
+        values (p_node, p_socket, p_user, p_conversation);
+end
+$$;
+
+-- Open a chat socket: access check, cap, presence; returns the ready frame.
+create or replace function parley_chat_open(p_node text, p_socket bigint,
+                                            p_conversation bigint, p_user text,
+                                            p_name text, p_max integer)
+returns text
+language plpgsql
+set search_path from current
+as $$
+declare
+    v_ready json;
+    v_was_online boolean;
+begin
+    perform parley_touch_user(p_user, p_name);
+    v_ready := parley_conversation_ready(p_conversation, p_user)::json;
+    v_was_online := parley_user_online(p_conversation, p_user);
+    perform parley_socket_register(p_node, p_socket, p_user, p_conversation, p_max);
+    if not v_was_online then
+        perform parley_emit_presence(p_conversation, p_user, 'online');
+    end if;
+    return json_build_object(
+        'type', 'ready',
+        'conversation_id', p_conversation,
+        'user', json_build_object('id', p_user, 'name', parley_user_name(p_user)),
+        'last_message_id', v_ready->'last_message_id',
+        'unread_count', v_ready->'unread_count',
+        'online', (select coalesce(json_agg(distinct user_id), '[]'::json)
+                     from parley_live_sockets()
+                    where conversation_id = p_conversation))::text;
+end
+$$;
+
+-- Open a notification socket; returns the ready frame.
+create or replace function parley_notify_open(p_node text, p_socket bigint,
+                                              p_user text, p_name text,
+                                              p_max integer)
+returns text
+language plpgsql
+set search_path from current
+as $$
+declare
+    v_ready json;
+begin
+    perform parley_touch_user(p_user, p_name);
+    perform parley_socket_register(p_node, p_socket, p_user, null, p_max);
+    v_ready := parley_notify_ready(p_user)::json;
+    return json_build_object(
+        'type', 'ready',
+        'user', json_build_object('id', p_user, 'name', parley_user_name(p_user)),
+        'unread_notifications', v_ready->'unread_notifications',
+        'unread_messages', v_ready->'unread_messages')::text;
+end
+$$;
+
+-- Forget a socket; a user's last socket to a conversation makes them offline
+-- and ends their typing.
+create or replace function parley_socket_close(p_node text, p_socket bigint,
+                                               p_was_typing boolean)
+returns void
+language plpgsql
+set search_path from current
+as $$
+declare
+    v_sock parley_sockets;
+begin
+    delete from parley_sockets where node = p_node and socket_id = p_socket
+        returning * into v_sock;
+    if v_sock.conversation_id is null then
+        return;
+    end if;
+    if p_was_typing then
+        perform parley_emit_typing(v_sock.conversation_id, v_sock.user_id, false);
+    end if;
+    if not parley_user_online(v_sock.conversation_id, v_sock.user_id) then
+        perform parley_emit_presence(v_sock.conversation_id, v_sock.user_id, 'offline');
+    end if;
+end
+$$;
+
+-- A node's heartbeat; it also sweeps nodes that stopped beating, so the
+-- users they held go offline for everyone else.
+create or replace function parley_node_alive(p_node text)
+returns void
+language plpgsql
+set search_path from current
+as $$
+declare
+    v_gone record;
+begin
+    insert into parley_nodes (node) values (p_node)
+        on conflict (node) do update set seen_at = now();
+    for v_gone in
+        delete from parley_sockets s using parley_nodes n
+         where s.node = n.node and n.seen_at < now() - parley_node_ttl()
+        returning s.conversation_id, s.user_id
+    loop
+        if v_gone.conversation_id is not null
+           and not parley_user_online(v_gone.conversation_id, v_gone.user_id) then
+            perform parley_emit_presence(v_gone.conversation_id, v_gone.user_id, 'offline');
+        end if;
+    end loop;
+    delete from parley_nodes where seen_at < now() - parley_node_ttl();
+end
+$$;
+
+-- A node shutting down forgets its sockets at once (presence goes offline).
+create or replace function parley_node_gone(p_node text)
+returns void
+language plpgsql
+set search_path from current
+as $$
+declare
+    v_sock record;
+begin
+    for v_sock in
+        delete from parley_sockets where node = p_node
+        returning conversation_id, user_id
+    loop
+        if v_sock.conversation_id is not null
+           and not parley_user_online(v_sock.conversation_id, v_sock.user_id) then
+            perform parley_emit_presence(v_sock.conversation_id, v_sock.user_id, 'offline');
+        end if;
+    end loop;
+    delete from parley_nodes where node = p_node;
+end
+$$;
+
+-- Live frames (no replay key) after a message id: what a worker delivers to
+-- its sockets after its LISTEN connection was down.
+create or replace function parley_catchup(p_conversation bigint, p_after bigint,
+                                          p_limit integer)
+returns table (id bigint, frame text)
+language sql stable
+set search_path from current
+as $$
+    select m.id, parley_message_frame(m.id, false)
+      from messages m
+     where m.conversation_id = p_conversation and m.id > p_after
+     order by m.id
+     limit p_limit
+$$;

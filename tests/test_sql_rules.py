@@ -1,0 +1,675 @@
+"""The data rules of sql/, exercised through plain SQL.
+
+PROTOCOL.md section 5 promises that another program's INSERT into messages or
+notifications has exactly the API's effects, so these tests write rows directly and
+call the parley_* functions the server calls, then check the stored state and the
+NOTIFY payloads on channel 'parley' (format in docs/DATA.md).
+
+Fixtures from conftest.py: `pg` (session; `pg.url` is a libpq URL of a database the
+server has migrated) and `conn` (a psycopg2 autocommit connection to it). Every test
+makes its own users and conversations with unique ids, so tests do not interfere
+with each other or with a running server.
+"""
+
+import json
+import select
+import threading
+import time
+import uuid
+
+import psycopg2
+import psycopg2.extras
+import pytest
+
+SENTINEL_CHANNEL = "parley_test_sentinel"
+
+
+# ---------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------
+
+def new_id(prefix="u"):
+    # ':' inside user ids is legal and exercises the length-prefixed uid field
+    return f"{prefix}:{uuid.uuid4().hex[:12]}"
+
+
+def one(conn, sql, *args):
+    with conn.cursor() as cur:
+        cur.execute(sql, args)
+        row = cur.fetchone() if cur.description else None
+        return None if row is None else row[0]
+
+
+def rows(conn, sql, *args):
+    with conn.cursor() as cur:
+        cur.execute(sql, args)
+        return cur.fetchall()
+
+
+def call_json(conn, sql, *args):
+    return json.loads(one(conn, sql, *args))
+
+
+def expect_px(conn, status, code, sql, *args):
+    """The statement fails with SQLSTATE PX<status> and message <code>."""
+    with pytest.raises(psycopg2.Error) as info:
+        one(conn, sql, *args)
+    assert info.value.pgcode == f"PX{status}", info.value.pgerror
+    assert info.value.diag.message_primary == code
+    assert info.value.diag.message_detail      # a short human text
+    if not conn.autocommit:
+        conn.rollback()
+
+
+def touch(conn, *names):
+    """Create users (id -> display name) and return their ids."""
+    ids = []
+    for name in names:
+        uid = new_id()
+        one(conn, "select parley_touch_user(%s, %s)", uid, name)
+        ids.append(uid)
+    return ids
+
+
+def create(conn, creator, members, title=None, kind=None, ref=None, system=None):
+    body = json.dumps([m if isinstance(m, dict) else {"id": m, "role": None}
+                       for m in members])
+    return call_json(conn, "select parley_create_conversation(%s, %s::jsonb, %s, %s, %s, %s)",
+                     creator, body, title, kind, ref, system)
+
+
+def insert_message(conn, conv, sender, content, type_=None):
+    """A plain INSERT, as another program would write it."""
+    with conn.cursor() as cur:
+        if type_ is None:
+            cur.execute("insert into messages (conversation_id, sender_id, content) "
+                        "values (%s, %s, %s) returning id", (conv, sender, content))
+        else:
+            cur.execute("insert into messages (conversation_id, sender_id, type, content) "
+                        "values (%s, %s, %s, %s) returning id", (conv, sender, type_, content))
+        return cur.fetchone()[0]
+
+
+def participant(conn, conv, user):
+    return rows(conn, "select unread_count, last_read_message_id, muted from participants "
+                      "where conversation_id = %s and user_id = %s", conv, user)[0]
+
+
+def connect(pg, autocommit=False):
+    c = psycopg2.connect(pg.url)
+    c.autocommit = autocommit
+    return c
+
+
+def parse_payload(payload):
+    """<kind>:<seq>:<conv>:<uidlen>:<uid>:<json>; uidlen counts bytes."""
+    kind, seq, conv, uidlen, rest = payload.split(":", 4)
+    raw = rest.encode()
+    n = int(uidlen)
+    uid, sep, body = raw[:n].decode(), raw[n:n + 1], raw[n + 1:].decode()
+    assert sep == b":", payload
+    assert len(kind) == 1
+    return kind, int(seq), int(conv), uid, body
+
+
+class Listener:
+    """A LISTEN parley connection. collect() returns the events that arrived up to a
+    sentinel NOTIFY sent after everything the test did: notifications are delivered
+    in commit order, so nothing the test caused can arrive after it."""
+
+    def __init__(self, pg):
+        self.conn = connect(pg, autocommit=True)
+        one(self.conn, "listen parley; listen " + SENTINEL_CHANNEL)
+
+    def collect(self, timeout=5.0):
+        token = uuid.uuid4().hex
+        c = self.conn
+        one(c, "select pg_notify(%s, %s)", SENTINEL_CHANNEL, token)
+        events = []
+        deadline = time.monotonic() + timeout
+        while True:
+            while c.notifies:
+                n = c.notifies.pop(0)
+                if n.channel == SENTINEL_CHANNEL and n.payload == token:
+                    return events
+                if n.channel == "parley":
+                    events.append(parse_payload(n.payload))
+            left = deadline - time.monotonic()
+            assert left > 0, "sentinel notification never arrived"
+            select.select([c], [], [], left)
+            c.poll()
+
+    def close(self):
+        self.conn.close()
+
+
+@pytest.fixture
+def listener(pg):
+    lst = Listener(pg)
+    yield lst
+    lst.close()
+
+
+def run_in_thread(fn, *args):
+    """Start fn(*args) in a thread; the returned box gets 'result' or 'error'."""
+    box = {}
+
+    def target():
+        try:
+            box["result"] = fn(*args)
+        except Exception as e:          # handed to the test thread
+            box["error"] = e
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    box["thread"] = t
+    return box
+
+
+def wait_blocked(conn, pid, timeout=5.0):
+    """Wait until backend pid waits for a lock (so the race really happens)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if one(conn, "select wait_event_type = 'Lock' from pg_stat_activity where pid = %s",
+               pid):
+            return
+        time.sleep(0.02)
+    raise AssertionError("the second session never blocked on a lock")
+
+
+def finish(box, timeout=10.0):
+    box["thread"].join(timeout)
+    assert not box["thread"].is_alive(), "concurrent call did not finish"
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+# ---------------------------------------------------------------------------------
+# the write path: a plain INSERT into messages
+# ---------------------------------------------------------------------------------
+
+def test_plain_insert_updates_last_message_unread_and_collapses(conn):
+    a, b, c = touch(conn, "Ana", "Bob", "Cy")
+    conv = create(conn, a, [a, b, c])["conversation"]["id"]
+
+    m1 = insert_message(conn, conv, b, "Hello")
+    last_id, last_at, msg_at = rows(
+        conn, "select c.last_message_id, c.last_message_at, m.created_at "
+              "from conversations c join messages m on m.id = c.last_message_id "
+              "where c.id = %s", conv)[0]
+    assert last_id == m1 and last_at == msg_at
+
+    assert participant(conn, conv, a)[0] == 1
+    assert participant(conn, conv, b)[0] == 0          # not the sender
+    assert participant(conn, conv, c)[0] == 1
+
+    m2 = insert_message(conn, conv, b, "Second")
+    assert m2 > m1
+    assert one(conn, "select last_message_id from conversations where id = %s", conv) == m2
+    assert participant(conn, conv, a)[0] == 2
+
+    # one collapsed unread new_message per other participant, updated in place
+    notes = rows(conn, "select user_id, id, count, payload from notifications "
+                       "where conversation_id = %s and type = 'new_message' and read_at is null "
+                       "order by user_id", conv)
+    assert sorted(n[0] for n in notes) == sorted([a, c])
+    for _, _, count, payload in notes:
+        assert count == 2
+        assert payload["message"] == {"id": m2, "content": "Second"}
+        assert payload["from_user"] == {"id": b, "username": "Bob"}
+        assert payload["conversation_id"] == conv
+
+    me = call_json(conn, "select parley_me(%s)", a)
+    assert me == {"user": {"id": a, "name": "Ana"}, "unread_messages": 2,
+                  "unread_notifications": 1}
+
+
+def test_system_message_counts_for_everyone(conn):
+    a, b = touch(conn, "Ana", "Bob")
+    conv = create(conn, None, [a, b], system="Chat is now active")
+    assert conv["created"] is True
+    last = conv["conversation"]["last_message"]
+    assert last["message_type"] == "SYSTEM"
+    assert last["sender_id"] is None and last["sender_name"] is None
+    assert last["content"] == last["message_text"] == "Chat is now active"
+    cid = conv["conversation"]["id"]
+    assert participant(conn, cid, a)[0] == 1 and participant(conn, cid, b)[0] == 1
+    frames = [json.loads(r[0]) for r in rows(
+        conn, "select parley_notification_frame(id) from notifications "
+              "where conversation_id = %s order by user_id", cid)]
+    assert len(frames) == 2
+    assert all(f["from_user"] is None for f in frames)
+
+
+def test_insert_rejects_non_participant_and_unknown_conversation(conn):
+    a, b, outsider = touch(conn, "Ana", "Bob", "Eve")
+    conv = create(conn, a, [a, b])["conversation"]["id"]
+    expect_px(conn, 403, "forbidden",
+              "insert into messages (conversation_id, sender_id, content) values (%s, %s, 'x')",
+              conv, outsider)
+    expect_px(conn, 404, "not_found",
+              "insert into messages (conversation_id, sender_id, content) values (%s, %s, 'x')",
+              -1, a)
+    assert one(conn, "select count(*) from messages where conversation_id = %s", conv) == 0
+
+
+def test_ids_grow_in_commit_order(pg, conn):
+    a, b = touch(conn, "Ana", "Bob")
+    conv = create(conn, a, [a, b])["conversation"]["id"]
+    first = connect(pg)
+    second = connect(pg)
+    try:
+        m1 = insert_message(first, conv, a, "one")
+        # the second writer starts now but must wait for the first to commit ...
+        box = run_in_thread(insert_message, second, conv, b, "two")
+        wait_blocked(conn, second.get_backend_pid())
+        # ... so a message the first writes meanwhile still gets a smaller id
+        m2 = insert_message(first, conv, a, "three")
+        first.commit()
+        m3 = finish(box)
+        second.commit()
+        assert m1 < m2 < m3
+    finally:
+        first.close()
+        second.close()
+    ids = [r[0] for r in rows(conn, "select id from messages where conversation_id = %s "
+                                    "order by created_at, id", conv)]
+    assert ids == sorted(ids) == [m1, m2, m3]
+
+
+# ---------------------------------------------------------------------------------
+# parley_post_message: idempotency
+# ---------------------------------------------------------------------------------
+
+POST = "select parley_post_message(%s, %s, %s, %s, %s::jsonb, %s)"
+
+
+def test_post_message_is_idempotent_and_detects_conflicts(conn, listener):
+    a, b = touch(conn, "Ana", "Bob")
+    conv = create(conn, a, [a, b])["conversation"]["id"]
+    meta = json.dumps({"lat": 1.5, "lng": 2})
+
+    first = call_json(conn, POST, conv, a, "LOCATION", "here", meta, "c-1")
+    assert first["status"] == "created"
+    msg = first["message"]
+    assert set(msg) == {"id", "conversation_id", "sender_id", "sender_name", "message_text",
+                        "content", "message_type", "metadata", "client_id", "timestamp",
+                        "created_at", "is_read"}
+    assert msg["sender_id"] == a and msg["sender_name"] == "Ana"
+    assert msg["metadata"] == {"lat": 1.5, "lng": 2}
+    assert msg["client_id"] == "c-1" and msg["is_read"] is False
+    assert msg["timestamp"] == msg["created_at"]
+    assert len(msg["created_at"]) == 24 and msg["created_at"].endswith("Z")
+
+    again = call_json(conn, POST, conv, a, "LOCATION", "here", meta, "c-1")
+    assert again == {"status": "duplicate", "message": msg}
+
+    expect_px(conn, 409, "conflict", POST, conv, a, "LOCATION", "elsewhere", meta, "c-1")
+    expect_px(conn, 409, "conflict", POST, conv, a, "LOCATION", "here",
+              json.dumps({"lat": 0, "lng": 0}), "c-1")
+    # the same client_id is another sender's own key
+    other = call_json(conn, POST, conv, b, "TEXT", "hi", None, "c-1")
+    assert other["status"] == "created"
+
+    assert one(conn, "select count(*) from messages where conversation_id = %s", conv) == 2
+    assert participant(conn, conv, b)[0] == 1        # the repeat bumped nothing
+    events = [e for e in listener.collect() if e[0] in "mM" and e[2] == conv]
+    assert [e[1] for e in events] == [msg["id"], other["message"]["id"]]
+
+
+def test_post_message_access(conn):
+    a, b, outsider = touch(conn, "Ana", "Bob", "Eve")
+    conv = create(conn, a, [a, b])["conversation"]["id"]
+    expect_px(conn, 404, "not_found", POST, conv, outsider, "TEXT", "x", None, None)
+    expect_px(conn, 404, "not_found", POST, -5, a, "TEXT", "x", None, None)
+    system = call_json(conn, POST, conv, None, "SYSTEM", "note", None, None)
+    assert system["message"]["message_type"] == "SYSTEM"
+    assert system["message"]["sender_id"] is None
+
+
+def test_concurrent_identical_sends_store_one_row(pg, conn):
+    a, b = touch(conn, "Ana", "Bob")
+    conv = create(conn, a, [a, b])["conversation"]["id"]
+    first = connect(pg)
+    second = connect(pg)
+    try:
+        r1 = json.loads(one(first, POST, conv, a, "TEXT", "same", None, "dup-1"))
+        box = run_in_thread(one, second, POST, conv, a, "TEXT", "same", None, "dup-1")
+        wait_blocked(conn, second.get_backend_pid())
+        first.commit()
+        r2 = json.loads(finish(box))
+        second.commit()
+    finally:
+        first.close()
+        second.close()
+    assert r1["status"] == "created" and r2["status"] == "duplicate"
+    assert r1["message"]["id"] == r2["message"]["id"]
+    assert one(conn, "select count(*) from messages where conversation_id = %s", conv) == 1
+    assert participant(conn, conv, b)[0] == 1
+
+
+# ---------------------------------------------------------------------------------
+# conversations: get-or-create
+# ---------------------------------------------------------------------------------
+
+def test_get_or_create_on_member_set_and_context(conn):
+    a, b, c = touch(conn, "Ana", "Bob", "Cy")
+    first = create(conn, a, [{"id": a, "role": "client"}, {"id": b, "role": "pro"}],
+                   title="Job", kind="job", ref="42", system="active")
+    assert first["created"] is True
+    conv = first["conversation"]
+    assert conv["title"] == "Job" and conv["context"] == {"kind": "job", "ref": "42"}
+    assert {p["id"]: p["role"] for p in conv["participants"]} == {a: "client", b: "pro"}
+    assert set(conv) == {"id", "title", "context", "participants", "last_message",
+                         "unread_count", "muted", "updated_at"}
+
+    # other order, other title and roles, same key: the same conversation, no new message
+    again = create(conn, b, [b, a], title="Other", kind="job", ref="42", system="active")
+    assert again["created"] is False
+    assert again["conversation"]["id"] == conv["id"]
+    assert again["conversation"]["title"] == "Job"
+    assert one(conn, "select count(*) from messages where conversation_id = %s",
+               conv["id"]) == 1
+
+    no_context = create(conn, a, [a, b])
+    assert no_context["created"] is True and no_context["conversation"]["context"] is None
+    assert create(conn, a, [b, a])["conversation"]["id"] == no_context["conversation"]["id"]
+    other_ref = create(conn, a, [a, b], kind="job", ref="43")
+    assert other_ref["created"] is True
+    bigger = create(conn, a, [a, b, c], kind="job", ref="42")
+    assert bigger["created"] is True
+
+    # unknown users are fine, and get a default name
+    stranger = new_id("new")
+    made = create(conn, None, [a, stranger])
+    names = {p["id"]: p["name"] for p in made["conversation"]["participants"]}
+    assert names[stranger] == f"user {stranger}"
+
+    expect_px(conn, 400, "invalid_payload",
+              "select parley_create_conversation(%s, '[]'::jsonb, null, null, null, null)", a)
+    expect_px(conn, 400, "invalid_payload",
+              "select parley_create_conversation(%s, %s::jsonb, null, null, null, null)",
+              a, json.dumps([{"id": "x" * 65}]))
+
+
+def test_concurrent_creates_make_one_conversation(pg, conn):
+    a, b = touch(conn, "Ana", "Bob")
+    ref = uuid.uuid4().hex
+    first = connect(pg)
+    second = connect(pg)
+    try:
+        r1 = create(first, a, [a, b], kind="job", ref=ref)
+        box = run_in_thread(create, second, b, [b, a], None, "job", ref)
+        wait_blocked(conn, second.get_backend_pid())
+        first.commit()
+        r2 = finish(box)
+        second.commit()
+    finally:
+        first.close()
+        second.close()
+    assert r1["created"] is True and r2["created"] is False
+    assert r1["conversation"]["id"] == r2["conversation"]["id"]
+    assert one(conn, "select count(*) from conversations where context_ref = %s", ref) == 1
+
+
+def test_list_conversations_cursor(conn):
+    a, *others = touch(conn, "Ana", "B1", "B2", "B3", "B4", "B5")
+    convs = [create(conn, a, [a, o])["conversation"]["id"] for o in others]
+    insert_message(conn, convs[0], a, "bump")       # most recent activity now
+    seen, cursor = [], None
+    while True:
+        page = call_json(conn, "select parley_list_conversations(%s, %s, %s)", a, 2, cursor)
+        seen += [c["id"] for c in page["conversations"]]
+        cursor = page["next_before"]
+        if cursor is None:
+            break
+    assert seen[0] == convs[0]
+    assert sorted(seen) == sorted(convs) and len(seen) == len(convs)
+    expect_px(conn, 400, "invalid_payload",
+              "select parley_list_conversations(%s, 20, 'garbage')", a)
+
+
+# ---------------------------------------------------------------------------------
+# reading
+# ---------------------------------------------------------------------------------
+
+def test_mark_read_never_moves_back(conn, listener):
+    a, b = touch(conn, "Ana", "Bob")
+    conv = create(conn, a, [a, b])["conversation"]["id"]
+    ids = [insert_message(conn, conv, b, f"m{i}") for i in range(3)]
+    note = one(conn, "select id from notifications where user_id = %s and conversation_id = %s",
+               a, conv)
+
+    r = call_json(conn, "select parley_mark_read(%s, %s, %s)", conv, a, ids[1])
+    assert r == {"unread_count": 1, "message_id": ids[1], "moved": True}
+    r = call_json(conn, "select parley_mark_read(%s, %s, %s)", conv, a, ids[0])
+    assert r == {"unread_count": 1, "message_id": ids[1], "moved": False}
+    # beyond the latest is clamped; null means the latest
+    r = call_json(conn, "select parley_mark_read(%s, %s, %s)", conv, a, ids[2] + 10**9)
+    assert r == {"unread_count": 0, "message_id": ids[2], "moved": True}
+    assert participant(conn, conv, a)[:2] == (0, ids[2])
+    r = call_json(conn, "select parley_mark_read(%s, %s, null)", conv, a)
+    assert r["moved"] is False
+
+    events = [e for e in listener.collect() if (e[0] == "e" and e[2] == conv) or e[3] == a]
+    receipts = [json.loads(e[4]) for e in events if e[0] == "e"]
+    assert [x["message_id"] for x in receipts] == [ids[1], ids[2]]
+    assert receipts[0]["type"] == "read_receipt" and receipts[0]["user_id"] == a
+    assert all(e[3] == "" for e in events if e[0] == "e")   # the reader's sockets too
+    # the conversation's new_message notification was read on the first move
+    reads = [json.loads(e[4]) for e in events if e[0] == "r"]
+    assert reads == [{"type": "notifications_read", "ids": [note], "unread_notifications": 0}]
+    assert one(conn, "select read_at is not null from notifications where id = %s", note)
+
+    # the message is now read by everyone but its sender
+    hist = call_json(conn, "select parley_history(%s, %s, null, null, 10)", conv, b)
+    assert [m["is_read"] for m in hist["messages"]] == [True, True, True]
+    expect_px(conn, 404, "not_found", "select parley_mark_read(%s, %s, null)",
+              conv, new_id("nobody"))
+
+
+def test_mark_read_racing_a_send_keeps_unread_exact(pg, conn):
+    a, b = touch(conn, "Ana", "Bob")
+    conv = create(conn, a, [a, b])["conversation"]["id"]
+    insert_message(conn, conv, b, "old")
+    writer = connect(pg)
+    reader = connect(pg)
+    try:
+        m = insert_message(writer, conv, b, "new")     # has bumped a's unread, not committed
+        box = run_in_thread(one, reader, "select parley_mark_read(%s, %s, null)", conv, a)
+        wait_blocked(conn, reader.get_backend_pid())
+        writer.commit()
+        r = json.loads(finish(box))
+        reader.commit()
+    finally:
+        writer.close()
+        reader.close()
+    assert r == {"unread_count": 0, "message_id": m, "moved": True}
+    assert participant(conn, conv, a)[:2] == (0, m)
+
+
+def test_history_pages_and_sync(conn):
+    a, b = touch(conn, "Ana", "Bob")
+    conv = create(conn, a, [a, b])["conversation"]["id"]
+    ids = [insert_message(conn, conv, a if i % 2 else b, f"m{i}") for i in range(7)]
+    hist = "select parley_history(%s, %s, %s, %s, %s)"
+
+    latest = call_json(conn, hist, conv, a, None, None, 3)
+    assert [m["id"] for m in latest["messages"]] == ids[4:] and latest["has_more"] is True
+    before = call_json(conn, hist, conv, a, ids[4], None, 3)
+    assert [m["id"] for m in before["messages"]] == ids[1:4] and before["has_more"] is True
+    oldest = call_json(conn, hist, conv, a, ids[1], None, 3)
+    assert [m["id"] for m in oldest["messages"]] == ids[:1] and oldest["has_more"] is False
+    after = call_json(conn, hist, conv, a, None, ids[0], 3)
+    assert [m["id"] for m in after["messages"]] == ids[1:4] and after["has_more"] is True
+    tail = call_json(conn, hist, conv, a, None, ids[3], 3)
+    assert [m["id"] for m in tail["messages"]] == ids[4:] and tail["has_more"] is False
+    window = call_json(conn, hist, conv, a, ids[5], ids[0], 10)
+    assert [m["id"] for m in window["messages"]] == ids[1:5] and window["has_more"] is False
+    service = call_json(conn, hist, conv, None, None, None, 100)
+    assert len(service["messages"]) == 7
+    expect_px(conn, 404, "not_found", hist, conv, new_id("nobody"), None, None, 3)
+
+    synced = rows(conn, "select id, frame from parley_sync(%s, %s, %s)", conv, ids[2], 3)
+    assert [r[0] for r in synced] == ids[3:6]
+    frame = json.loads(synced[0][1])
+    assert frame["type"] == "message" and frame["replay"] is True
+    assert frame["message"] == after["messages"][2]
+    live = json.loads(one(conn, "select parley_message_frame(%s, false)", ids[3]))
+    assert "replay" not in live and live["message"] == frame["message"]
+
+
+def test_ready_unread_and_mute(conn, listener):
+    a, b = touch(conn, "Ana", "Bob")
+    conv = create(conn, a, [a, b])["conversation"]["id"]
+    assert call_json(conn, "select parley_conversation_ready(%s, %s)", conv, a) == \
+        {"last_message_id": None, "unread_count": 0}
+    expect_px(conn, 404, "not_found", "select parley_conversation_ready(%s, %s)",
+              conv, new_id("nobody"))
+
+    muted = call_json(conn, "select parley_set_muted(%s, %s, true)", conv, a)
+    assert muted["muted"] is True
+    m = insert_message(conn, conv, b, "psst")
+    # muted: counted in the conversation, not in the totals, and no new_message
+    assert call_json(conn, "select parley_conversation_ready(%s, %s)", conv, a) == \
+        {"last_message_id": m, "unread_count": 1}
+    assert call_json(conn, "select parley_unread(%s)", a) == \
+        {"total": 0, "conversations": [{"id": conv, "unread_count": 1, "muted": True}]}
+    assert one(conn, "select count(*) from notifications where user_id = %s", a) == 0
+    assert not [e for e in listener.collect() if e[0] in "nN" and e[3] == a]
+
+
+# ---------------------------------------------------------------------------------
+# notifications
+# ---------------------------------------------------------------------------------
+
+def test_notification_type_and_payload_rules(conn):
+    u = new_id()
+    with pytest.raises(psycopg2.errors.CheckViolation):
+        one(conn, "insert into notifications (user_id, type) values (%s, 'Bad-Type')", u)
+    with pytest.raises(psycopg2.errors.CheckViolation):
+        one(conn, "insert into notifications (user_id, type, payload) "
+                  "values (%s, 'ok', '[1]')", u)
+    post = "select parley_post_notification(%s, %s, %s::jsonb)"
+    for bad_type in ["Friend", "a b", "x" * 65, "", "new\n"]:
+        expect_px(conn, 400, "invalid_payload", post, u, bad_type, "{}")
+    for bad_payload in ['[]', '"x"', '{"id": 1}', '{"type": "x"}', '{"replay": true}',
+                        json.dumps({"blob": "x" * 9000})]:
+        expect_px(conn, 400, "invalid_payload", post, u, "ok", bad_payload)
+    assert one(conn, "select count(*) from notifications where user_id = %s", u) == 0
+
+    note = call_json(conn, post, u, "friend.accepted_2", '{"from_user": {"id": "7"}}')
+    assert note["type"] == "friend.accepted_2" and note["read"] is False
+    assert note["from_user"] == {"id": "7"} and isinstance(note["id"], int)
+
+
+def test_notifications_push_list_and_read(conn, listener):
+    u = new_id()                                    # a user Parley has never seen
+    payload = {"from_user": {"id": "7", "username": "maria"}}
+    posted = call_json(conn, "select parley_post_notification(%s, 'friend_request', %s::jsonb)",
+                       u, json.dumps(payload))
+    one(conn, "insert into notifications (user_id, type, payload) "
+              "values (%s, 'match', '{\"score\": 3}')", u)       # another program's insert
+
+    events = [e for e in listener.collect() if e[3] == u]
+    assert [e[0] for e in events] == ["n", "n"]
+    first = json.loads(events[0][4])
+    assert events[0][1] == posted["id"] and events[0][2] == 0
+    assert first == {k: v for k, v in posted.items() if k != "read"}
+    assert json.loads(events[1][4])["score"] == 3
+
+    listed = call_json(conn, "select parley_list_notifications(%s, 1, null, false)", u)
+    assert listed["has_more"] is True and listed["notifications"][0]["type"] == "match"
+    assert call_json(conn, "select parley_read_notification(%s, %s)", u, posted["id"]) == \
+        {"unread_notifications": 1}
+    unread = call_json(conn, "select parley_list_notifications(%s, 10, null, true)", u)
+    assert [n["type"] for n in unread["notifications"]] == ["match"]
+    expect_px(conn, 404, "not_found", "select parley_read_notification(%s, %s)",
+              new_id(), posted["id"])
+    assert call_json(conn, "select parley_read_all_notifications(%s)", u) == \
+        {"unread_notifications": 0}
+    reads = [json.loads(e[4]) for e in listener.collect() if e[0] == "r" and e[3] == u]
+    assert reads == [
+        {"type": "notifications_read", "ids": [posted["id"]], "unread_notifications": 1},
+        {"type": "notifications_read", "ids": "all", "unread_notifications": 0}]
+
+    replay = rows(conn, "select id, frame from parley_notification_sync(%s, 0, 10)", u)
+    assert [json.loads(f)["replay"] for _, f in replay] == [True, True]
+    assert call_json(conn, "select parley_notify_ready(%s)", u) == \
+        {"unread_notifications": 0, "unread_messages": 0}
+
+
+def test_disabled_types_are_stored_not_pushed(conn, listener):
+    a, b = touch(conn, "Ana", "Bob")
+    conv = create(conn, a, [a, b])["conversation"]["id"]
+    prefs = call_json(conn, "select parley_set_preferences(%s, %s::jsonb)",
+                      a, '["new_message", "promo", "promo"]')
+    assert prefs == {"disabled_types": ["new_message", "promo"]}
+    assert call_json(conn, "select parley_get_preferences(%s)", a) == prefs
+    expect_px(conn, 400, "invalid_payload", "select parley_set_preferences(%s, %s::jsonb)",
+              a, '["Bad"]')
+
+    insert_message(conn, conv, b, "hi")
+    assert one(conn, "select count(*) from notifications where user_id = %s "
+                     "and type = 'new_message'", a) == 0
+    call_json(conn, "select parley_post_notification(%s, 'promo', '{}')", a)
+    assert one(conn, "select count(*) from notifications where user_id = %s "
+                     "and type = 'promo'", a) == 1
+    assert not [e for e in listener.collect() if e[0] in "nN" and e[3] == a]
+
+
+def test_new_message_frame_and_collapse_events(conn, listener):
+    a, b = touch(conn, "Ana", "Bob")
+    conv = create(conn, a, [a, b])["conversation"]["id"]
+    m1 = insert_message(conn, conv, b, "one")
+    m2 = insert_message(conn, conv, b, "two")
+    events = listener.collect()
+
+    msgs = [e for e in events if e[0] == "m" and e[2] == conv]
+    assert [(e[1], e[3]) for e in msgs] == [(m1, ""), (m2, "")]
+    frame = json.loads(msgs[1][4])
+    assert frame == json.loads(one(conn, "select parley_message_frame(%s, false)", m2))
+    assert frame["type"] == "message" and frame["message"]["content"] == "two"
+
+    notes = [e for e in events if e[0] == "n" and e[3] == a]
+    assert len(notes) == 2 and notes[0][1] == notes[1][1]      # same id, sent again
+    assert all(e[2] == 0 for e in notes)
+    live = json.loads(notes[1][4])
+    assert live["type"] == "new_message" and live["id"] == notes[1][1]
+    assert live["conversation_id"] == conv
+    assert live["from_user"] == {"id": b, "username": "Bob"}
+    assert live["message"] == {"id": m2, "content": "two"}
+    assert live["count"] == 2 and live["unread_count"] == 2 and live["total_unread"] == 2
+    assert set(live) == {"type", "id", "created_at", "conversation_id", "from_user",
+                         "message", "count", "unread_count", "total_unread"}
+    assert not [e for e in events if e[0] in "nN" and e[3] == b]   # not to the sender
+
+
+def test_large_events_go_by_reference(conn, listener):
+    a, b = touch(conn, "Ana", "Bob")
+    conv = create(conn, a, [a, b])["conversation"]["id"]
+    big = "é" * 4000                                  # 8000 bytes
+    m = insert_message(conn, conv, b, big)
+    events = listener.collect()
+    ref = [e for e in events if e[2] == conv and e[0] in "mM"]
+    assert ref == [("M", m, conv, "", "")]
+    frame = json.loads(one(conn, "select parley_message_frame(%s, false)", m))
+    assert frame["message"]["content"] == big
+    note = [e for e in events if e[3] == a and e[0] in "nN"]
+    assert len(note) == 1 and note[0][0] == "N" and note[0][4] == ""
+    full = json.loads(one(conn, "select parley_notification_frame(%s)", note[0][1]))
+    assert full["message"]["content"] == big
+
+
+def test_typing_and_presence_events(conn, listener):
+    a, b = touch(conn, "Ana", "Bob")
+    conv = create(conn, a, [a, b])["conversation"]["id"]
+    one(conn, "select parley_emit_typing(%s, %s, true)", conv, a)
+    one(conn, "select parley_emit_presence(%s, %s, 'online')", conv, b)
+    events = [e for e in listener.collect() if e[0] == "e" and e[2] == conv]
+    assert [(e[1], e[3]) for e in events] == [(0, a), (0, b)]       # the actor is excluded
+    assert json.loads(events[0][4]) == {"type": "typing", "conversation_id": conv,
+                                        "user_id": a, "username": "Ana", "is_typing": True}
+    assert json.loads(events[1][4]) == {"type": "presence", "conversation_id": conv,
+                                        "user_id": b, "status": "online"}
