@@ -69,35 +69,45 @@ $$;
 
 -- Display name of a user, 'user <id>' for one Parley has not seen.
 create or replace function parley_user_name(p_id text) returns text
-language sql stable
+language plpgsql stable
 set search_path from current
-as $$ select coalesce((select name from users where id = p_id), 'user ' || p_id) $$;
+as $$
+begin
+    return coalesce((select name from users where id = p_id), 'user ' || p_id);
+end
+$$;
 
 -- Unread messages of a user over the conversations they did not mute.
 create or replace function parley_total_unread(p_user text) returns integer
-language sql stable
+language plpgsql stable
 set search_path from current
 as $$
-    select coalesce(sum(unread_count), 0)::integer
-      from participants
-     where user_id = p_user and unread_count > 0 and not muted
+begin
+    return (select coalesce(sum(unread_count), 0)
+              from participants
+             where user_id = p_user and unread_count > 0 and not muted);
+end
 $$;
 
 -- Whether a user disabled a notification type (stored, but not pushed).
 create or replace function parley_type_disabled(p_user text, p_type text) returns boolean
-language sql stable
+language plpgsql stable
 set search_path from current
 as $$
-    select exists (select 1 from notification_preferences
-                    where user_id = p_user and p_type = any (disabled_types))
+begin
+    return exists (select 1 from notification_preferences
+                    where user_id = p_user and p_type = any (disabled_types));
+end
 $$;
 
 -- Unread stored notifications of a user (all types: disabled ones are listed too).
 create or replace function parley_unread_notifications(p_user text) returns integer
-language sql stable
+language plpgsql stable
 set search_path from current
 as $$
-    select count(*)::integer from notifications where user_id = p_user and read_at is null
+begin
+    return (select count(*) from notifications where user_id = p_user and read_at is null);
+end
 $$;
 
 ------------------------------------------------------------------------------------
@@ -111,17 +121,25 @@ $$;
 -- first, else the first.
 create or replace function parley_read_floor(p_conversation bigint,
     out min_user text, out min_read bigint, out next_read bigint)
-language sql stable
+language plpgsql stable
 set search_path from current
 as $$
-    select (array_agg(user_id order by pos, user_id))[1],
-           (array_agg(pos order by pos, user_id))[1],
-           (array_agg(pos order by pos, user_id))[2]
-      from (select user_id, last_read_message_id as pos
-              from participants
-             where conversation_id = p_conversation
-             order by last_read_message_id, user_id
-             limit 2) lowest
+declare
+    r record;
+begin
+    for r in select p.user_id, p.last_read_message_id as pos
+               from participants p
+              where p.conversation_id = p_conversation
+              order by p.last_read_message_id, p.user_id
+              limit 2 loop
+        if min_user is null then
+            min_user := r.user_id;
+            min_read := r.pos;
+        else
+            next_read := r.pos;
+        end if;
+    end loop;
+end
 $$;
 
 create or replace function parley_is_read(p_id bigint, p_sender text,
@@ -156,15 +174,22 @@ $$;
 
 -- The message object of one stored message (null when there is none).
 create or replace function parley_message_json(p_id bigint) returns json
-language sql stable
+language plpgsql stable
 set search_path from current
 as $$
-    select parley_message_json(m, u.name,
-               parley_is_read(m.id, m.sender_id, f.min_user, f.min_read, f.next_read))
-      from messages m
-      left join users u on u.id = m.sender_id
-      cross join lateral parley_read_floor(m.conversation_id) f
-     where m.id = p_id
+declare
+    m messages;
+    f record;
+begin
+    select * into m from messages where id = p_id;
+    if not found then
+        return null;
+    end if;
+    f := parley_read_floor(m.conversation_id);
+    return parley_message_json(m, (select name from users where id = m.sender_id),
+                               parley_is_read(m.id, m.sender_id,
+                                              f.min_user, f.min_read, f.next_read));
+end
 $$;
 
 -- The socket 'message' event around a message object; replays carry "replay":true.
@@ -178,13 +203,17 @@ as $$
            end::text
 $$;
 
+-- The 'message' event of one stored message (null when there is none); the server
+-- calls it for 'M' references.
 create or replace function parley_message_frame(p_id bigint, p_replay boolean) returns text
-language sql stable
+language plpgsql stable
 set search_path from current
 as $$
-    select parley_message_event(j, coalesce(p_replay, false))
-      from parley_message_json(p_id) j
-     where j is not null
+declare
+    j json := parley_message_json(p_id);
+begin
+    return case when j is not null then parley_message_event(j, coalesce(p_replay, false)) end;
+end
 $$;
 
 ------------------------------------------------------------------------------------
@@ -267,7 +296,9 @@ begin
      where p.conversation_id = new.conversation_id
        and p.user_id is distinct from new.sender_id
        and not p.muted
-       and not parley_type_disabled(p.user_id, 'new_message')
+       and not exists (select 1 from notification_preferences np
+                        where np.user_id = p.user_id
+                          and 'new_message' = any (np.disabled_types))
      order by p.user_id                       -- a stable lock order
     on conflict (user_id, conversation_id) where type = 'new_message' and read_at is null
     do update set payload = excluded.payload,
@@ -297,11 +328,13 @@ declare
     v_name text := coalesce(p_name, 'user ' || p_id);
 begin
     perform parley_check_user_id(p_id);
-    update users set name = v_name, updated_at = now()
-     where id = p_id and name is distinct from v_name;
-    if not found then
-        insert into users (id, name) values (p_id, v_name) on conflict (id) do nothing;
+    perform 1 from users where id = p_id and name = v_name;
+    if found then
+        return;                       -- the usual case: no write, no lock
     end if;
+    insert into users (id, name) values (p_id, v_name)
+    on conflict (id) do update set name = excluded.name, updated_at = now()
+        where users.name is distinct from excluded.name;
 end
 $$;
 
@@ -386,23 +419,25 @@ $$;
 -- "replay":true. The server asks limit+1 rows to compute has_more.
 create or replace function parley_sync(p_conversation bigint, p_after bigint, p_limit integer)
 returns table (id bigint, frame text)
-language sql stable
+language plpgsql
 set search_path from current
 as $$
+declare
+    f record := parley_read_floor(p_conversation);
+begin
+    return query
     select m.id,
            parley_message_event(
                parley_message_json(m, u.name,
                    parley_is_read(m.id, m.sender_id, f.min_user, f.min_read, f.next_read)),
                true)
-      from parley_read_floor(p_conversation) f
-     cross join lateral (select *
-                           from messages
-                          where messages.conversation_id = p_conversation
-                            and messages.id > coalesce(p_after, 0)
-                          order by messages.id
-                          limit greatest(coalesce(p_limit, 200), 0)) m
+      from messages m
       left join users u on u.id = m.sender_id
+     where m.conversation_id = p_conversation
+       and m.id > coalesce(p_after, 0)
      order by m.id
+     limit greatest(coalesce(p_limit, 200), 0);
+end
 $$;
 
 -- Move a reader's position forward (never back), recount their unread messages,
@@ -475,7 +510,7 @@ $$;
 -- What the chat socket's ready frame needs; PX404 doubles as the access check.
 create or replace function parley_conversation_ready(p_conversation bigint, p_user text)
 returns text
-language plpgsql stable
+language plpgsql
 set search_path from current
 as $$
 declare
@@ -498,13 +533,15 @@ $$;
 create or replace function parley_emit_typing(p_conversation bigint, p_user text,
                                               p_is_typing boolean)
 returns void
-language sql
+language plpgsql
 set search_path from current
 as $$
-    select parley_emit('e', 0, p_conversation, p_user,
+begin
+    perform parley_emit('e', 0, p_conversation, p_user,
         json_build_object('type', 'typing', 'conversation_id', p_conversation,
                           'user_id', p_user, 'username', parley_user_name(p_user),
-                          'is_typing', coalesce(p_is_typing, false))::text)
+                          'is_typing', coalesce(p_is_typing, false))::text);
+end
 $$;
 
 -- Presence to the conversation's sockets, excluding the user's own.
@@ -531,7 +568,7 @@ $$;
 create or replace function parley_history(p_conversation bigint, p_viewer text,
     p_before bigint, p_after bigint, p_limit integer)
 returns text
-language plpgsql stable
+language plpgsql
 set search_path from current
 as $$
 declare

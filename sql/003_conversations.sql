@@ -5,10 +5,11 @@ select set_config('search_path', quote_ident(current_schema()) || ', pg_temp', t
 -- The conversation object as the viewer sees it (viewer null = service: unread 0,
 -- not muted). Null when there is no such conversation.
 create or replace function parley_conversation_json(p_id bigint, p_viewer text) returns json
-language sql stable
+language plpgsql stable
 set search_path from current
 as $$
-    select json_build_object(
+begin
+    return (select json_build_object(
         'id', c.id,
         'title', c.title,
         'context', case when c.context_kind is not null or c.context_ref is not null
@@ -26,7 +27,8 @@ as $$
         'updated_at', parley_ts(c.updated_at))
       from conversations c
       left join participants v on v.conversation_id = c.id and v.user_id = p_viewer
-     where c.id = p_id
+     where c.id = p_id);
+end
 $$;
 
 -- Get-or-create on (member set, context kind, context ref). p_members is a JSON array
@@ -141,7 +143,7 @@ $$;
 create or replace function parley_list_conversations(p_user text, p_limit integer,
                                                      p_before text)
 returns text
-language plpgsql stable
+language plpgsql
 set search_path from current
 as $$
 declare
@@ -220,20 +222,23 @@ end
 $$;
 
 create or replace function parley_me(p_user text) returns text
-language sql stable
+language plpgsql
 set search_path from current
 as $$
-    select json_build_object(
+begin
+    return json_build_object(
         'user', json_build_object('id', p_user, 'name', parley_user_name(p_user)),
         'unread_messages', parley_total_unread(p_user),
-        'unread_notifications', parley_unread_notifications(p_user))::text
+        'unread_notifications', parley_unread_notifications(p_user))::text;
+end
 $$;
 
 create or replace function parley_unread(p_user text) returns text
-language sql stable
+language plpgsql
 set search_path from current
 as $$
-    select json_build_object(
+begin
+    return json_build_object(
         'total', parley_total_unread(p_user),
         'conversations', coalesce(
             (select json_agg(json_build_object('id', conversation_id,
@@ -241,5 +246,6 @@ as $$
                                                'muted', muted)
                              order by conversation_id)
                from participants
-              where user_id = p_user and unread_count > 0), '[]'))::text
+              where user_id = p_user and unread_count > 0), '[]'))::text;
+end
 $$;

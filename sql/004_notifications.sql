@@ -5,14 +5,25 @@ select set_config('search_path', quote_ident(current_schema()) || ', pg_temp', t
 -- Merge JSON objects given as text into one, keeping their key order (a jsonb merge
 -- would sort the keys, and "type" first reads better). Null parts are skipped.
 create or replace function parley_json_merge(variadic p_objects text[]) returns text
-language sql immutable
+language plpgsql immutable
 as $$
-    select '{' || coalesce(string_agg(body, ', ' order by i), '') || '}'
-      from unnest(p_objects) with ordinality as o(obj, i)
-     cross join lateral (select nullif(btrim(substr(obj, 2, length(obj) - 2)), '')) as b(body)
+declare
+    v_obj text;
+    v_body text;
+    v_out text := '';
+begin
+    foreach v_obj in array p_objects loop
+        v_body := btrim(substr(v_obj, 2, length(v_obj) - 2));     -- without { }
+        if v_body <> '' then
+            v_out := case when v_out = '' then v_body else v_out || ', ' || v_body end;
+        end if;
+    end loop;
+    return '{' || v_out || '}';
+end
 $$;
 
--- Payload keys a notification may not use: the flat frame's envelope keys.
+-- A notification type and payload as the protocol allows them (the server checks too;
+-- this is the last line). The envelope keys of the flat frame are reserved.
 create or replace function parley_check_notification(p_type text, p_payload jsonb) returns void
 language plpgsql
 as $$
@@ -38,10 +49,11 @@ $$;
 -- the live counts, then p_tail's keys ({"read":..} for lists, {"replay":true} for
 -- sync, null for the live frame).
 create or replace function parley_notification_json(n notifications, p_tail json) returns text
-language sql stable
+language plpgsql stable
 set search_path from current
 as $$
-    select parley_json_merge(
+begin
+    return parley_json_merge(
         json_build_object('type', n.type, 'id', n.id,
                           'created_at', parley_ts(n.created_at))::text,
         n.payload::text,
@@ -53,15 +65,23 @@ as $$
                                              and user_id = n.user_id), 0),
                 'total_unread', parley_total_unread(n.user_id))::text
         end,
-        p_tail::text)
+        p_tail::text);
+end
 $$;
 
 -- The live frame of a stored notification (what an 'n' event carries; the server
 -- calls this for 'N' references).
 create or replace function parley_notification_frame(p_id bigint) returns text
-language sql stable
+language plpgsql stable
 set search_path from current
-as $$ select parley_notification_json(n, null) from notifications n where n.id = p_id $$;
+as $$
+declare
+    n notifications;
+begin
+    select * into n from notifications where id = p_id;
+    return case when found then parley_notification_json(n, null) end;
+end
+$$;
 
 -- Every insert, and every update that changes what the user sees, of an unread
 -- notification is pushed to the user, whoever wrote it (a service call, the
@@ -88,7 +108,7 @@ create trigger notifications_push_update after update on notifications
     execute function parley_notifications_push();
 
 -- The service call: store (for users not seen yet too) and push (via the trigger).
--- new_message is Parley's own type.
+-- new_message is Parley's own type. A missing (SQL null) payload is an empty one.
 create or replace function parley_post_notification(p_user text, p_type text, p_payload jsonb)
 returns text
 language plpgsql
@@ -98,12 +118,12 @@ declare
     n notifications;
 begin
     perform parley_check_user_id(p_user);
-    perform parley_check_notification(p_type, p_payload);
+    perform parley_check_notification(p_type, coalesce(p_payload, '{}'));
     if p_type = 'new_message' then
         perform parley_fail(403, 'forbidden_type', 'new_message is created by Parley itself');
     end if;
     insert into notifications (user_id, type, payload)
-    values (p_user, p_type, p_payload)
+    values (p_user, p_type, coalesce(p_payload, '{}'))
     returning * into n;
     return parley_notification_json(n, json_build_object('read', false));
 end
@@ -113,17 +133,22 @@ $$;
 -- oldest first, with "replay":true; disabled types are not pushed, so not replayed.
 create or replace function parley_notification_sync(p_user text, p_after bigint, p_limit integer)
 returns table (id bigint, frame text)
-language sql stable
+language plpgsql
 set search_path from current
 as $$
+declare
+    v_disabled text[] := coalesce((select np.disabled_types from notification_preferences np
+                                    where np.user_id = p_user), '{}');
+begin
+    return query
     select n.id, parley_notification_json(n, json_build_object('replay', true))
       from notifications n
      where n.user_id = p_user
        and n.id > coalesce(p_after, 0)
-       and n.type <> all (coalesce((select disabled_types from notification_preferences
-                                    where user_id = p_user), '{}'))
+       and n.type <> all (v_disabled)
      order by n.id
-     limit greatest(coalesce(p_limit, 200), 0)
+     limit greatest(coalesce(p_limit, 200), 0);
+end
 $$;
 
 -- REST list, newest first, each with "read". The two branches are exclusive; the
@@ -131,7 +156,7 @@ $$;
 create or replace function parley_list_notifications(p_user text, p_limit integer,
     p_before bigint, p_unread_only boolean)
 returns text
-language plpgsql stable
+language plpgsql
 set search_path from current
 as $$
 declare
@@ -165,12 +190,14 @@ $$;
 create or replace function parley_emit_notifications_read(p_user text, p_ids json,
                                                           p_unread integer)
 returns void
-language sql
+language plpgsql
 set search_path from current
 as $$
-    select parley_emit('r', 0, 0, p_user,
+begin
+    perform parley_emit('r', 0, 0, p_user,
         json_build_object('type', 'notifications_read', 'ids', p_ids,
-                          'unread_notifications', p_unread)::text)
+                          'unread_notifications', p_unread)::text);
+end
 $$;
 
 -- Read one. The event goes out even when it was already read, so the socket that
@@ -212,12 +239,14 @@ end
 $$;
 
 create or replace function parley_get_preferences(p_user text) returns text
-language sql stable
+language plpgsql
 set search_path from current
 as $$
-    select json_build_object('disabled_types', coalesce(
+begin
+    return json_build_object('disabled_types', coalesce(
         (select to_json(disabled_types) from notification_preferences where user_id = p_user),
-        '[]'))::text
+        '[]'))::text;
+end
 $$;
 
 -- Replace the disabled types: a JSON array of type names (duplicates merged, first
@@ -257,9 +286,11 @@ $$;
 
 -- What the notification socket's ready frame needs.
 create or replace function parley_notify_ready(p_user text) returns text
-language sql stable
+language plpgsql
 set search_path from current
 as $$
-    select json_build_object('unread_notifications', parley_unread_notifications(p_user),
-                             'unread_messages', parley_total_unread(p_user))::text
+begin
+    return json_build_object('unread_notifications', parley_unread_notifications(p_user),
+                             'unread_messages', parley_total_unread(p_user))::text;
+end
 $$;

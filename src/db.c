@@ -24,6 +24,10 @@
  *
  * Every query gets exactly one callback (unless cancelled by its owner),
  * with the first result of the statement or an error.
+ *
+ * One more connection of the same kind holds LISTEN parley for the bus:
+ * its notifications go to bus_notify(), its ups and downs to bus_up() and
+ * bus_down().
  */
 
 #include <sys/types.h>
@@ -64,6 +68,7 @@ struct db_conn {
 	struct kore_timer	*timer;
 	struct db_query		*query;
 	PGresult		*result;
+	int			listen;
 };
 
 TAILQ_HEAD(db_query_list, db_query);
@@ -77,6 +82,7 @@ static void	db_conn_fail(struct db_conn *, const char *);
 static void	db_conn_dispatch(struct db_conn *);
 static void	db_conn_flush(void *, u_int64_t);
 static void	db_conn_complete(struct db_conn *);
+static void	db_conn_notifies(struct db_conn *);
 static void	db_sweep(void *, u_int64_t);
 static void	db_query_finish(struct db_query *, PGresult *, const char *);
 static void	db_query_free(struct db_query *);
@@ -97,7 +103,9 @@ db_init(void)
 	db_migrated = 0;
 	db_migrate_backoff = DB_BACKOFF_MIN;
 
-	db_conns = kore_calloc(parley_cfg.db_pool_size, sizeof(*db_conns));
+	/* The pool, then the bus's LISTEN connection. */
+	db_conns = kore_calloc(parley_cfg.db_pool_size + 1, sizeof(*db_conns));
+	db_conns[parley_cfg.db_pool_size].listen = 1;
 
 	(void)kore_timer_add(db_sweep, 1000, NULL, 0);
 	db_migrate(NULL, 0);
@@ -119,7 +127,7 @@ db_migrate(void *unused, u_int64_t now)
 		PQfinish(pg);
 		db_migrated = 1;
 		kore_log(LOG_NOTICE, "database ready, schema up to date");
-		for (i = 0; i < parley_cfg.db_pool_size; i++)
+		for (i = 0; i <= parley_cfg.db_pool_size; i++)
 			db_conn_start(&db_conns[i]);
 		return;
 	}
@@ -269,7 +277,7 @@ db_shutdown(void)
 		db_query_finish(q, NULL, "shutting down");
 	}
 
-	for (i = 0; i < parley_cfg.db_pool_size; i++) {
+	for (i = 0; i <= parley_cfg.db_pool_size; i++) {
 		if (db_conns[i].pg != NULL)
 			db_conn_fail(&db_conns[i], "shutting down");
 	}
@@ -328,7 +336,18 @@ db_conn_poll(void *arg, u_int64_t now)
 	conn->backoff = DB_BACKOFF_MIN;
 	kore_platform_event_level_read(conn->fd, conn);
 
-	db_conn_dispatch(conn);
+	if (!conn->listen) {
+		db_conn_dispatch(conn);
+		return;
+	}
+
+	/* bus_up() once the server confirms the LISTEN. */
+	conn->state = DB_CONN_BUSY;
+	if (!PQsendQuery(conn->pg, "LISTEN parley")) {
+		db_conn_fail(conn, PQerrorMessage(conn->pg));
+		return;
+	}
+	db_conn_flush(conn, 0);
 }
 
 static void
@@ -373,8 +392,22 @@ db_conn_event(void *arg, int error)
 			PQclear(res);
 	}
 
-	if (PQstatus(conn->pg) == CONNECTION_BAD)
+	if (conn->listen)
+		db_conn_notifies(conn);
+
+	if (conn->pg != NULL && PQstatus(conn->pg) == CONNECTION_BAD)
 		db_conn_fail(conn, PQerrorMessage(conn->pg));
+}
+
+static void
+db_conn_notifies(struct db_conn *conn)
+{
+	PGnotify	*n;
+
+	while (conn->pg != NULL && (n = PQnotifies(conn->pg)) != NULL) {
+		bus_notify(n->extra, strlen(n->extra));
+		PQfreemem(n);
+	}
 }
 
 static void
@@ -382,7 +415,8 @@ db_conn_dispatch(struct db_conn *conn)
 {
 	struct db_query		*q;
 
-	if (conn->state != DB_CONN_IDLE || (q = TAILQ_FIRST(&db_queue)) == NULL)
+	if (conn->listen || conn->state != DB_CONN_IDLE ||
+	    (q = TAILQ_FIRST(&db_queue)) == NULL)
 		return;
 
 	TAILQ_REMOVE(&db_queue, q, list);
@@ -435,6 +469,17 @@ db_conn_complete(struct db_conn *conn)
 	conn->result = NULL;
 	conn->state = DB_CONN_IDLE;
 
+	if (conn->listen) {
+		if (PQresultStatus(res) != PGRES_COMMAND_OK) {
+			PQclear(res);
+			db_conn_fail(conn, "LISTEN failed");
+			return;
+		}
+		PQclear(res);
+		bus_up();
+		return;
+	}
+
 	db_query_finish(q, res, NULL);
 	PQclear(res);
 
@@ -464,6 +509,9 @@ db_conn_fail(struct db_conn *conn, const char *why)
 		conn->pg = NULL;
 	}
 
+	if (conn->listen && conn->state == DB_CONN_IDLE)
+		bus_down();
+
 	conn->fd = -1;
 	conn->state = DB_CONN_DOWN;
 
@@ -477,7 +525,7 @@ db_conn_fail(struct db_conn *conn, const char *why)
 		db_query_finish(q, NULL, "database connection lost");
 	}
 
-	if (conn->timer == NULL) {
+	if (conn->timer == NULL && !db_stopping) {
 		conn->timer = kore_timer_add(db_conn_retry, conn->backoff,
 		    conn, KORE_TIMER_ONESHOT);
 	}

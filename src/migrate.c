@@ -44,6 +44,7 @@ static const struct migration migrations[] = {
 	{ 3, "003_conversations", asset_003_conversations_sql },
 	{ 4, "004_notifications", asset_004_notifications_sql },
 	{ 5, "005_sockets", asset_005_sockets_sql },
+	{ 6, "006_rest", asset_006_rest_sql },
 	{ 0, NULL, NULL },
 };
 

@@ -81,12 +81,15 @@ void
 kore_worker_configure(void)
 {
 	metrics_worker_start();
+	hub_init();
+	ws_init();
 	db_init();
 }
 
 void
 kore_worker_teardown(void)
 {
+	ws_drain();
 	db_shutdown();
 }
 

@@ -100,6 +100,7 @@ struct db_query	*db_query(const char *, int, const char *const *,
 		    db_cb, void *);
 void		db_cancel(struct db_query *);
 void		db_init(void);
+void		db_listen(const char *);
 void		db_shutdown(void);
 int		db_ready(void);
 size_t		db_inflight(void);
@@ -120,6 +121,129 @@ struct message_in {
 int	message_is_type(const char *);
 int	message_parse(yajl_val, int, struct message_in *);
 void	message_cleanup(struct message_in *);
+
+/* Sockets: what chat and notification sockets share (ws.c). */
+#define SESSION_CHAT		0
+#define SESSION_NOTIFY		1
+
+#define SESSION_OPENING		0	/* handshake done, open query pending */
+#define SESSION_OPEN		1
+#define SESSION_CLOSED		2
+
+/* A message frame held back while its socket replays history. */
+struct held_frame {
+	TAILQ_ENTRY(held_frame)	list;
+	int64_t			seq;
+	size_t			len;
+	u_int8_t		data[];
+};
+
+/* A client event waiting for the socket's previous one to finish. */
+struct ws_event {
+	TAILQ_ENTRY(ws_event)	list;
+	yajl_val		root;
+	u_int64_t		received;
+};
+
+struct hub_conv;
+struct hub_user;
+
+struct session {
+	struct connection	*c;
+	int			kind;
+	int			state;
+	int			auth;
+	int			subproto;
+	int			registered;
+	u_int64_t		id;
+	struct identity		ident;
+	int64_t			conversation_id;
+	int64_t			after;
+
+	struct hub_conv		*conv;
+	struct hub_user		*user;
+	TAILQ_ENTRY(session)	conv_list;
+	TAILQ_ENTRY(session)	user_list;
+	TAILQ_ENTRY(session)	all_list;
+
+	struct db_query		*query;
+	TAILQ_HEAD(, ws_event)	events;
+	u_int32_t		nevents;
+
+	int			behind;
+	int64_t			last_seq;
+	int64_t			sync_after;
+	int64_t			sync_limit;
+	TAILQ_HEAD(, held_frame) held;
+	u_int32_t		nheld;
+
+	double			tokens;
+	u_int64_t		refilled;
+	u_int32_t		strikes;
+	u_int64_t		typing_relayed;
+	u_int64_t		typing_until;
+	u_int64_t		pinged;
+
+	/* The send in flight: what its ack or error needs. */
+	char			send_ref[PARLEY_CLIENT_ID_MAX + 1];
+	u_int64_t		send_received;
+};
+
+#define WS_EVENT_DONE		0	/* handled, take the next event */
+#define WS_EVENT_WAIT		1	/* a query runs; ws_event_done() follows */
+
+#define WS_CLOSE_NORMAL		1000
+#define WS_CLOSE_GOING_AWAY	1001
+#define WS_CLOSE_UNSUPPORTED	1003
+#define WS_CLOSE_TOO_BIG	1009
+#define WS_CLOSE_TRY_AGAIN	1013
+#define WS_CLOSE_AUTH		4001
+#define WS_CLOSE_FORBIDDEN	4003
+#define WS_CLOSE_RATE		4008
+#define WS_CLOSE_TOO_MANY	4009
+#define WS_CLOSE_SLOW		4029
+
+extern char	ws_node[];
+
+void	ws_init(void);
+void	ws_drain(void);
+int	ws_handshake(struct http_request *, int, int64_t);
+void	ws_send(struct session *, const void *, size_t);
+void	ws_send_frame(struct session *, const u_int8_t *, size_t);
+void	ws_frame_build(struct kore_buf *, u_int8_t, const void *, size_t);
+void	ws_close(struct session *, int, const char *);
+void	ws_error(struct session *, const char *, const char *, const char *);
+void	ws_event_done(struct session *);
+void	ws_opened(struct session *, struct db_result *);
+void	ws_sync(struct session *, int64_t, int64_t);
+int	ws_int_field(yajl_val, const char *, int64_t, int64_t, int64_t *);
+int	ws_draining(void);
+
+/* The chat socket's events (chat.c) and the notification socket's (notify.c). */
+void	chat_open(struct session *);
+void	chat_typing_expired(struct session *);
+int	chat_event(struct session *, const char *, yajl_val, u_int64_t);
+void	notify_open(struct session *);
+int	notify_event(struct session *, const char *, yajl_val, u_int64_t);
+
+/* Who is connected to this worker, and fan-out to them (hub.c). */
+void	hub_init(void);
+void	hub_add(struct session *);
+void	hub_remove(struct session *);
+void	hub_conversation(int64_t, int64_t, const char *, size_t,
+	    const char *, size_t);
+void	hub_user(const char *, size_t, const char *, size_t);
+void	hub_hold_release(struct session *, int64_t);
+void	hub_hold_drop(struct session *);
+int64_t	hub_conv_low_seq(struct hub_conv *);
+struct hub_conv	*hub_conv_first(void);
+struct hub_conv	*hub_conv_next(struct hub_conv *);
+int64_t	hub_conv_id(struct hub_conv *);
+
+/* The per-worker LISTEN connection and what it routes (bus.c). */
+void	bus_up(void);
+void	bus_down(void);
+void	bus_notify(const char *, size_t);
 
 /* Schema migrations (migrate.c). */
 int	migrate_run(PGconn *);
@@ -150,6 +274,28 @@ int	rest_query(struct http_request *, int, const char *, int,
 int	rest_resume(struct http_request *);
 int	rest_not_found(struct http_request *);
 
+/* Validating REST input (rest.c). */
+#define REST_PAGE_AFTER		0x01	/* `after` is read (0 allowed) */
+#define REST_PAGE_CURSOR	0x02	/* `before` is an opaque cursor */
+
+struct rest_page {
+	const char	*before;	/* NULL when absent */
+	const char	*after;		/* NULL when absent */
+	char		limit[24];
+	char		before_buf[64];
+	char		after_buf[24];
+};
+
+int	rest_invalid(struct http_request *, const char *);
+int	rest_page(struct http_request *, int64_t, int64_t, int,
+	    struct rest_page *);
+int	rest_param_bool(struct http_request *, const char *, int *);
+int	rest_path_id(struct http_request *, char *, size_t);
+yajl_val	rest_member(yajl_val, const char *);
+int	rest_user_id(yajl_val, char *, size_t);
+void	rest_message_error(struct http_request *, const struct message_in *);
+int	rest_finish_created(struct db_result *, int, struct kore_buf *);
+
 /* Counters for /metrics (metrics.c). */
 #define METRICS_SOCKET_CHAT		0
 #define METRICS_SOCKET_NOTIFY		1
@@ -179,6 +325,6 @@ void	metrics_render(struct kore_buf *);
 int	util_parse_int64(const char *, int64_t, int64_t, int64_t *);
 int	util_query_get(struct http_request *, const char *, char *, size_t);
 int64_t	util_now(void);
-int	util_path_id(struct http_request *, int, int64_t *);
+int	util_path_id(struct http_request *, int64_t *);
 
 #endif

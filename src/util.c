@@ -113,25 +113,29 @@ util_hexval(int c)
 	return (-1);
 }
 
-/* The numeric id captured by group `group` of the route's regex. */
+/*
+ * The first path segment made only of digits, e.g. 45 in
+ * /api/conversations/45/messages. Kore 4.1 compiles routes with REG_NOSUB,
+ * so there are no capture groups: the route's regex has checked the
+ * shape, this reads the digits and refuses ids beyond int64.
+ */
 int
-util_path_id(struct http_request *req, int group, int64_t *out)
+util_path_id(struct http_request *req, int64_t *out)
 {
+	const char	*p;
 	char		buf[24];
 	size_t		len;
-	regoff_t	so, eo;
 
-	so = req->cgroups[group].rm_so;
-	eo = req->cgroups[group].rm_eo;
-	if (so < 0 || eo <= so)
-		return (KORE_RESULT_ERROR);
+	for (p = req->path; (p = strchr(p, '/')) != NULL; p++) {
+		len = strspn(p + 1, "0123456789");
+		if (len == 0 || (p[len + 1] != '/' && p[len + 1] != '\0'))
+			continue;
+		if (len >= sizeof(buf))
+			return (KORE_RESULT_ERROR);
+		memcpy(buf, p + 1, len);
+		buf[len] = '\0';
+		return (util_parse_int64(buf, 1, INT64_MAX, out));
+	}
 
-	len = (size_t)(eo - so);
-	if (len >= sizeof(buf))
-		return (KORE_RESULT_ERROR);
-
-	memcpy(buf, req->path + so, len);
-	buf[len] = '\0';
-
-	return (util_parse_int64(buf, 1, INT64_MAX, out));
+	return (KORE_RESULT_ERROR);
 }

@@ -18,7 +18,6 @@ import time
 import uuid
 
 import psycopg2
-import psycopg2.extras
 import pytest
 
 SENTINEL_CHANNEL = "parley_test_sentinel"
@@ -240,6 +239,31 @@ def test_system_message_counts_for_everyone(conn):
               "where conversation_id = %s order by user_id", cid)]
     assert len(frames) == 2
     assert all(f["from_user"] is None for f in frames)
+
+
+def test_insert_works_whatever_the_writers_search_path(pg, conn):
+    a, b = touch(conn, "Ana", "Bob")
+    conv = create(conn, a, [a, b])["conversation"]["id"]
+    schema = one(conn, "select current_schema()")
+    other = connect(pg, autocommit=True)
+    try:
+        # another program, another search_path: the triggers still find their tables
+        one(other, "set search_path = pg_catalog")
+        one(other, 'insert into "%s".messages (conversation_id, sender_id, content) '
+                   "values (%%s, %%s, 'hi')" % schema, conv, b)
+    finally:
+        other.close()
+    assert participant(conn, conv, a)[0] == 1
+    assert one(conn, "select count(*) from notifications where user_id = %s", a) == 1
+
+
+def test_reads_see_a_touch_in_the_same_statement(conn):
+    uid = new_id()
+    me = call_json(conn, "select parley_me(%s) from parley_touch_user(%s, %s)",
+                   uid, uid, "Fresh Name")
+    assert me["user"] == {"id": uid, "name": "Fresh Name"}
+    call_json(conn, "select parley_me(%s) from parley_touch_user(%s, %s)", uid, uid, "New")
+    assert one(conn, "select name from users where id = %s", uid) == "New"
 
 
 def test_insert_rejects_non_participant_and_unknown_conversation(conn):

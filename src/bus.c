@@ -1,0 +1,306 @@
+/*
+ * Copyright (c) 2026 The Parley developers.
+ *
+ * Permission to use, copy, modify, and distribute this software for any
+ * purpose with or without fee is hereby granted, provided that the above
+ * copyright notice and this permission notice appear in all copies.
+ *
+ * THE SOFTWARE IS PROVIDED "AS IS" AND THE AUTHOR DISCLAIMS ALL WARRANTIES
+ * WITH REGARD TO THIS SOFTWARE INCLUDING ALL IMPLIED WARRANTIES OF
+ * MERCHANTABILITY AND FITNESS. IN NO EVENT SHALL THE AUTHOR BE LIABLE FOR
+ * ANY SPECIAL, DIRECT, INDIRECT, OR CONSEQUENTIAL DAMAGES OR ANY DAMAGES
+ * WHATSOEVER RESULTING FROM LOSS OF USE, DATA OR PROFITS, WHETHER IN AN
+ * ACTION OF CONTRACT, NEGLIGENCE OR OTHER TORTIOUS ACTION, ARISING OUT OF
+ * OR IN CONNECTION WITH THE USE OR PERFORMANCE OF THIS SOFTWARE.
+ */
+
+/*
+ * The bus: what PostgreSQL NOTIFYs on channel parley, routed to the hub.
+ * Payloads are <kind>:<seq>:<conv>:<uidlen>:<uid>:<json> (docs/DATA.md);
+ * the json is the finished frame, written to sockets as it came.
+ *
+ * Notes are handled strictly in order. Two things pause the bus, queueing
+ * what arrives meanwhile: a frame sent by reference (too big for NOTIFY)
+ * being fetched, and the catch-up after the LISTEN connection came back,
+ * which replays to each conversation what its sockets missed while it was
+ * down, so a database restart loses nothing.
+ */
+
+#include <sys/types.h>
+
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "parley.h"
+
+#define BUS_CATCHUP_LIMIT	500
+
+struct bus_note {
+	TAILQ_ENTRY(bus_note)	list;
+	size_t			len;
+	char			data[];
+};
+
+struct bus_catchup {
+	int64_t			conversation_id;
+	int64_t			after;
+	struct db_query		*query;
+};
+
+struct bus_parsed {
+	char			kind;
+	int64_t			seq;
+	int64_t			conv;
+	const char		*uid;
+	size_t			uid_len;
+	const char		*json;
+	size_t			json_len;
+};
+
+static int	bus_parse(const char *, size_t, struct bus_parsed *);
+static int	bus_parse_int(const char **, const char *, int64_t *);
+static void	bus_route(struct bus_parsed *);
+static void	bus_drain(void);
+static void	bus_fetch(struct bus_parsed *);
+static void	bus_fetched(struct db_result *, void *);
+static void	bus_catchup_start(int64_t, int64_t);
+static void	bus_catchup_done(struct db_result *, void *);
+
+static TAILQ_HEAD(, bus_note)	bus_queue = TAILQ_HEAD_INITIALIZER(bus_queue);
+static int			bus_paused;
+static int			bus_catchups;
+static struct bus_parsed	bus_fetching;
+static char			bus_fetching_uid[PARLEY_USER_ID_MAX + 1];
+
+/* The LISTEN is in place: catch every conversation up, then go live. */
+void
+bus_up(void)
+{
+	struct hub_conv		*conv;
+	int64_t			low;
+
+	kore_log(LOG_NOTICE, "bus: listening");
+
+	bus_paused++;
+	for (conv = hub_conv_first(); conv != NULL;
+	    conv = hub_conv_next(conv)) {
+		if ((low = hub_conv_low_seq(conv)) >= 0)
+			bus_catchup_start(hub_conv_id(conv), low);
+	}
+	bus_paused--;
+
+	bus_drain();
+}
+
+void
+bus_down(void)
+{
+	kore_log(LOG_NOTICE, "bus: LISTEN connection lost, reconnecting");
+}
+
+void
+bus_notify(const char *payload, size_t len)
+{
+	struct bus_note		*note;
+
+	note = kore_malloc(sizeof(*note) + len);
+	note->len = len;
+	memcpy(note->data, payload, len);
+	TAILQ_INSERT_TAIL(&bus_queue, note, list);
+
+	bus_drain();
+}
+
+static void
+bus_drain(void)
+{
+	struct bus_note		*note;
+	struct bus_parsed	p;
+
+	while (!bus_paused && bus_catchups == 0 &&
+	    (note = TAILQ_FIRST(&bus_queue)) != NULL) {
+		TAILQ_REMOVE(&bus_queue, note, list);
+		if (bus_parse(note->data, note->len, &p))
+			bus_route(&p);
+		else
+			kore_log(LOG_NOTICE, "bus: malformed note ignored");
+		kore_free(note);
+	}
+}
+
+static void
+bus_route(struct bus_parsed *p)
+{
+	switch (p->kind) {
+	case 'm':
+		hub_conversation(p->conv, p->seq, NULL, 0, p->json,
+		    p->json_len);
+		break;
+	case 'e':
+		hub_conversation(p->conv, 0, p->uid, p->uid_len, p->json,
+		    p->json_len);
+		break;
+	case 'n':
+	case 'r':
+		hub_user(p->uid, p->uid_len, p->json, p->json_len);
+		break;
+	case 'M':
+	case 'N':
+		bus_fetch(p);
+		break;
+	default:
+		kore_log(LOG_NOTICE, "bus: unknown kind '%c'", p->kind);
+		break;
+	}
+}
+
+/* A frame too big for NOTIFY: fetch it, holding everything behind it. */
+static void
+bus_fetch(struct bus_parsed *p)
+{
+	const char	*params[1];
+	char		seq[24];
+
+	/* The note that p points into is freed when we return. */
+	bus_fetching = *p;
+	memcpy(bus_fetching_uid, p->uid, p->uid_len);
+	bus_fetching.uid = bus_fetching_uid;
+
+	(void)snprintf(seq, sizeof(seq), "%lld", (long long)p->seq);
+	params[0] = seq;
+
+	bus_paused++;
+	(void)db_query(p->kind == 'M' ?
+	    "SELECT parley_message_frame($1, false)" :
+	    "SELECT parley_notification_frame($1)", 1, params,
+	    bus_fetched, NULL);
+}
+
+static void
+bus_fetched(struct db_result *r, void *unused)
+{
+	struct bus_parsed	*p = &bus_fetching;
+
+	if (r->ok && PQntuples(r->res) == 1 && !PQgetisnull(r->res, 0, 0)) {
+		p->kind = p->kind == 'M' ? 'm' : 'n';
+		p->json = PQgetvalue(r->res, 0, 0);
+		p->json_len = PQgetlength(r->res, 0, 0);
+		bus_route(p);
+	} else {
+		/* Lost for now; a reconnecting client's `after` recovers it. */
+		kore_log(LOG_NOTICE, "bus: could not fetch %c %lld",
+		    p->kind, (long long)p->seq);
+	}
+
+	bus_paused--;
+	bus_drain();
+}
+
+static void
+bus_catchup_start(int64_t conversation_id, int64_t after)
+{
+	struct bus_catchup	*cu;
+	const char		*params[3];
+	char			conv[24], a[24], limit[16];
+
+	cu = kore_calloc(1, sizeof(*cu));
+	cu->conversation_id = conversation_id;
+	cu->after = after;
+
+	(void)snprintf(conv, sizeof(conv), "%lld", (long long)conversation_id);
+	(void)snprintf(a, sizeof(a), "%lld", (long long)after);
+	(void)snprintf(limit, sizeof(limit), "%d", BUS_CATCHUP_LIMIT);
+	params[0] = conv;
+	params[1] = a;
+	params[2] = limit;
+
+	bus_catchups++;
+	(void)db_query("SELECT id, frame FROM parley_catchup($1, $2, $3)",
+	    3, params, bus_catchup_done, cu);
+}
+
+/* Deliver what was missed; a full page means there may be more. */
+static void
+bus_catchup_done(struct db_result *r, void *arg)
+{
+	struct bus_catchup	*cu = arg;
+	int64_t			id;
+	int			i, n;
+
+	bus_catchups--;
+
+	n = r->ok ? PQntuples(r->res) : 0;
+	id = cu->after;
+	for (i = 0; i < n; i++) {
+		if (!util_parse_int64(PQgetvalue(r->res, i, 0), 1, INT64_MAX,
+		    &id))
+			continue;
+		hub_conversation(cu->conversation_id, id, NULL, 0,
+		    PQgetvalue(r->res, i, 1), PQgetlength(r->res, i, 1));
+	}
+
+	if (!r->ok) {
+		kore_log(LOG_NOTICE, "bus: catch-up of conversation %lld "
+		    "failed: %s", (long long)cu->conversation_id, r->message);
+	} else if (n == BUS_CATCHUP_LIMIT) {
+		bus_catchup_start(cu->conversation_id, id);
+	}
+
+	kore_free(cu);
+	bus_drain();
+}
+
+static int
+bus_parse_int(const char **p, const char *end, int64_t *out)
+{
+	int64_t		v;
+
+	v = 0;
+	if (*p >= end || **p < '0' || **p > '9')
+		return (0);
+
+	while (*p < end && **p >= '0' && **p <= '9') {
+		if (v > (INT64_MAX - 9) / 10)
+			return (0);
+		v = v * 10 + (**p - '0');
+		(*p)++;
+	}
+
+	if (*p >= end || **p != ':')
+		return (0);
+	(*p)++;
+
+	*out = v;
+	return (1);
+}
+
+static int
+bus_parse(const char *data, size_t len, struct bus_parsed *p)
+{
+	const char	*cur, *end;
+	int64_t		uid_len;
+
+	end = data + len;
+	if (len < 2 || data[1] != ':')
+		return (0);
+
+	p->kind = data[0];
+	cur = data + 2;
+	if (!bus_parse_int(&cur, end, &p->seq) ||
+	    !bus_parse_int(&cur, end, &p->conv) ||
+	    !bus_parse_int(&cur, end, &uid_len))
+		return (0);
+
+	if (uid_len > PARLEY_USER_ID_MAX || end - cur < uid_len + 1 ||
+	    cur[uid_len] != ':')
+		return (0);
+
+	p->uid = cur;
+	p->uid_len = (size_t)uid_len;
+	p->json = cur + uid_len + 1;
+	p->json_len = (size_t)(end - p->json);
+
+	return (1);
+}

@@ -1,0 +1,330 @@
+/*
+ * Copyright (c) 2026 The Parley developers.
+ *
+ * Permission to use, copy, modify, and distribute this software for any
+ * purpose with or without fee is hereby granted, provided that the above
+ * copyright notice and this permission notice appear in all copies.
+ *
+ * THE SOFTWARE IS PROVIDED "AS IS" AND THE AUTHOR DISCLAIMS ALL WARRANTIES
+ * WITH REGARD TO THIS SOFTWARE INCLUDING ALL IMPLIED WARRANTIES OF
+ * MERCHANTABILITY AND FITNESS. IN NO EVENT SHALL THE AUTHOR BE LIABLE FOR
+ * ANY SPECIAL, DIRECT, INDIRECT, OR CONSEQUENTIAL DAMAGES OR ANY DAMAGES
+ * WHATSOEVER RESULTING FROM LOSS OF USE, DATA OR PROFITS, WHETHER IN AN
+ * ACTION OF CONTRACT, NEGLIGENCE OR OTHER TORTIOUS ACTION, ARISING OUT OF
+ * OR IN CONNECTION WITH THE USE OR PERFORMANCE OF THIS SOFTWARE.
+ */
+
+/*
+ * The chat socket, /ws/chat/{conversation_id}/ (PROTOCOL.md section 2):
+ * sends, typing and reads. Each is one call of a stored function; what the
+ * other sockets see comes back through the bus, never from here.
+ */
+
+#include <sys/types.h>
+
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "parley.h"
+
+#define TYPING_EXPIRE_MS	6000
+#define TYPING_RELAY_MS		1000
+
+int	ws_chat(struct http_request *);
+
+static int	chat_send(struct session *, yajl_val, u_int64_t);
+static void	chat_sent(struct db_result *, void *);
+static void	chat_ack(struct session *, struct db_result *);
+static int	chat_read(struct session *, yajl_val);
+static void	chat_read_done(struct db_result *, void *);
+static int	chat_typing(struct session *, yajl_val);
+static void	chat_emit_typing(struct session *, int);
+static void	chat_opened(struct db_result *, void *);
+static const char *chat_error_code(struct db_result *);
+
+int
+ws_chat(struct http_request *req)
+{
+	int64_t		id;
+
+	if (!util_path_id(req, &id))
+		return (rest_not_found(req));
+
+	return (ws_handshake(req, SESSION_CHAT, id));
+}
+
+void
+chat_open(struct session *s)
+{
+	const char	*params[6];
+	char		sock[24], conv[24], max[16];
+
+	(void)snprintf(sock, sizeof(sock), "%llu", (unsigned long long)s->id);
+	(void)snprintf(conv, sizeof(conv), "%lld",
+	    (long long)s->conversation_id);
+	(void)snprintf(max, sizeof(max), "%d", parley_cfg.max_sockets_per_user);
+
+	params[0] = ws_node;
+	params[1] = sock;
+	params[2] = conv;
+	params[3] = s->ident.user_id;
+	params[4] = s->ident.name;
+	params[5] = max;
+
+	s->query = db_query("SELECT parley_chat_open($1, $2, $3, $4, $5, $6)",
+	    6, params, chat_opened, s);
+}
+
+/* Ready is out: replay from `after`, or go live from the latest id. */
+static void
+chat_opened(struct db_result *r, void *arg)
+{
+	struct session	*s = arg;
+	const char	*path[] = { "last_message_id", NULL };
+	yajl_val	ready, v;
+	int64_t		last;
+
+	ws_opened(s, r);
+	if (s->state != SESSION_OPEN)
+		return;
+
+	last = 0;
+	ready = json_parse(PQgetvalue(r->res, 0, 0), PQgetlength(r->res, 0, 0));
+	if (ready != NULL &&
+	    (v = yajl_tree_get(ready, path, yajl_t_any)) != NULL &&
+	    YAJL_IS_INTEGER(v))
+		last = v->u.number.i;
+	yajl_tree_free(ready);
+
+	if (s->after >= 0) {
+		ws_sync(s, s->after, 200);
+		return;
+	}
+
+	hub_hold_release(s, last);
+	ws_event_done(s);
+}
+
+int
+chat_event(struct session *s, const char *type, yajl_val root, u_int64_t recv)
+{
+	if (!strcmp(type, "message") || !strcmp(type, "send_message") ||
+	    message_is_type(type))
+		return (chat_send(s, root, recv));
+
+	if (!strcmp(type, "typing"))
+		return (chat_typing(s, root));
+
+	if (!strcmp(type, "read"))
+		return (chat_read(s, root));
+
+	ws_error(s, "unknown_type", "unknown event type", NULL);
+	return (WS_EVENT_DONE);
+}
+
+/* The client forgot to say it stopped typing. */
+void
+chat_typing_expired(struct session *s)
+{
+	s->typing_until = 0;
+	chat_emit_typing(s, 0);
+}
+
+static int
+chat_send(struct session *s, yajl_val root, u_int64_t recv)
+{
+	struct message_in	m;
+	const char		*params[6];
+	char			conv[24];
+
+	if (!message_parse(root, 0, &m)) {
+		ws_error(s, m.error, m.detail,
+		    m.has_client_id ? m.client_id : NULL);
+		return (WS_EVENT_DONE);
+	}
+
+	(void)snprintf(conv, sizeof(conv), "%lld",
+	    (long long)s->conversation_id);
+	params[0] = conv;
+	params[1] = s->ident.user_id;
+	params[2] = m.type;
+	params[3] = m.content;
+	params[4] = m.metadata;
+	params[5] = m.has_client_id ? m.client_id : NULL;
+
+	(void)kore_strlcpy(s->send_ref, m.has_client_id ? m.client_id : "",
+	    sizeof(s->send_ref));
+	s->send_received = recv;
+
+	s->query = db_query("SELECT parley_post_message($1, $2, $3, $4, "
+	    "$5::jsonb, $6)", 6, params, chat_sent, s);
+	message_cleanup(&m);
+
+	return (WS_EVENT_WAIT);
+}
+
+static void
+chat_sent(struct db_result *r, void *arg)
+{
+	struct session	*s = arg;
+
+	s->query = NULL;
+	if (r->ok) {
+		chat_ack(s, r);
+	} else {
+		ws_error(s, chat_error_code(r), r->message,
+		    s->send_ref[0] != '\0' ? s->send_ref : NULL);
+	}
+
+	ws_event_done(s);
+}
+
+/*
+ * The message is committed: acknowledge it to this socket only. Its
+ * broadcast, to this socket too, comes through the bus.
+ */
+static void
+chat_ack(struct session *s, struct db_result *r)
+{
+	const char	*status_path[] = { "status", NULL };
+	const char	*id_path[] = { "message", "id", NULL };
+	const char	*ts_path[] = { "message", "timestamp", NULL };
+	struct kore_buf	buf;
+	yajl_val	root, status, id, ts;
+
+	root = json_parse(PQgetvalue(r->res, 0, 0), PQgetlength(r->res, 0, 0));
+	status = yajl_tree_get(root, status_path, yajl_t_string);
+	id = yajl_tree_get(root, id_path, yajl_t_number);
+	ts = yajl_tree_get(root, ts_path, yajl_t_string);
+	if (root == NULL || status == NULL || id == NULL || ts == NULL) {
+		yajl_tree_free(root);
+		ws_error(s, "internal", "unexpected answer from the database",
+		    s->send_ref[0] != '\0' ? s->send_ref : NULL);
+		return;
+	}
+
+	if (!strcmp(status->u.string, "created"))
+		metrics_message_stored();
+	metrics_send_latency((kore_time_ms() - s->send_received) * 1000);
+
+	kore_buf_init(&buf, 128);
+	kore_buf_appendf(&buf, "{\"type\":\"ack\",\"client_id\":");
+	if (s->send_ref[0] != '\0')
+		json_append_string(&buf, s->send_ref, strlen(s->send_ref));
+	else
+		kore_buf_appendf(&buf, "null");
+	kore_buf_appendf(&buf, ",\"message_id\":%s,\"timestamp\":",
+	    id->u.number.r);
+	json_append_string(&buf, ts->u.string, strlen(ts->u.string));
+	kore_buf_appendf(&buf, "}");
+
+	ws_send(s, buf.data, buf.offset);
+	kore_buf_cleanup(&buf);
+	yajl_tree_free(root);
+}
+
+/* Socket error codes for a failed call (PROTOCOL.md section 2). */
+static const char *
+chat_error_code(struct db_result *r)
+{
+	switch (r->status) {
+	case HTTP_STATUS_BAD_REQUEST:
+	case HTTP_STATUS_CONFLICT:
+		return (r->code);
+	case HTTP_STATUS_FORBIDDEN:
+	case HTTP_STATUS_NOT_FOUND:
+		return ("forbidden");
+	default:
+		return ("internal");
+	}
+}
+
+static int
+chat_read(struct session *s, yajl_val root)
+{
+	const char	*params[3];
+	char		conv[24], id[24];
+	int64_t		message_id;
+
+	if (!ws_int_field(root, "message_id", 0, INT64_MAX, &message_id)) {
+		ws_error(s, "invalid_payload",
+		    "message_id is a message id", NULL);
+		return (WS_EVENT_DONE);
+	}
+
+	(void)snprintf(conv, sizeof(conv), "%lld",
+	    (long long)s->conversation_id);
+	(void)snprintf(id, sizeof(id), "%lld", (long long)message_id);
+	params[0] = conv;
+	params[1] = s->ident.user_id;
+	params[2] = message_id == -1 ? NULL : id;
+
+	s->query = db_query("SELECT parley_mark_read($1, $2, $3)", 3, params,
+	    chat_read_done, s);
+
+	return (WS_EVENT_WAIT);
+}
+
+/* The read_receipt comes through the bus, to this socket too. */
+static void
+chat_read_done(struct db_result *r, void *arg)
+{
+	struct session	*s = arg;
+
+	s->query = NULL;
+	if (!r->ok)
+		ws_error(s, chat_error_code(r), r->message, NULL);
+
+	ws_event_done(s);
+}
+
+/*
+ * Typing is relayed at most once a second while it goes on, and expires
+ * six seconds after the last is_typing:true.
+ */
+static int
+chat_typing(struct session *s, yajl_val root)
+{
+	const char	*path[] = { "is_typing", NULL };
+	yajl_val	v;
+	u_int64_t	now;
+
+	v = yajl_tree_get(root, path, yajl_t_any);
+	if (v == NULL || !(YAJL_IS_TRUE(v) || YAJL_IS_FALSE(v))) {
+		ws_error(s, "invalid_payload", "is_typing is a boolean", NULL);
+		return (WS_EVENT_DONE);
+	}
+
+	now = kore_time_ms();
+	if (YAJL_IS_TRUE(v)) {
+		if (s->typing_until == 0 ||
+		    now - s->typing_relayed >= TYPING_RELAY_MS) {
+			s->typing_relayed = now;
+			chat_emit_typing(s, 1);
+		}
+		s->typing_until = now + TYPING_EXPIRE_MS;
+	} else if (s->typing_until != 0) {
+		s->typing_until = 0;
+		chat_emit_typing(s, 0);
+	}
+
+	return (WS_EVENT_DONE);
+}
+
+/* Not stored: a NOTIFY through the database, like everything else. */
+static void
+chat_emit_typing(struct session *s, int typing)
+{
+	const char	*params[3];
+	char		conv[24];
+
+	(void)snprintf(conv, sizeof(conv), "%lld",
+	    (long long)s->conversation_id);
+	params[0] = conv;
+	params[1] = s->ident.user_id;
+	params[2] = typing ? "t" : "f";
+
+	(void)db_query("SELECT parley_emit_typing($1, $2, $3)", 3, params,
+	    NULL, NULL);
+}
