@@ -214,7 +214,7 @@ class ConversationList {
       limit: CONVERSATION_PAGE,
       before: this.#nextBefore ?? undefined,
     });
-    for (const conversation of page.conversations) this.upsert(conversation);
+    for (const conversation of page.conversations) this.conversations.set(conversation.id, conversation);
     this.#nextBefore = page.next_before;
     ui.loadMoreConversations.hidden = !page.next_before;
     this.#render();
@@ -992,8 +992,12 @@ async function signIn(token) {
     me = await parley.me();
   } catch (error) {
     parley.close();
-    if (!(error instanceof ParleyError)) signOut('network');
-    else signOut(error.status === 403 ? 'service' : 'rejected');
+    if (error instanceof ParleyError) {
+      signOut(error.status === 403 ? 'service' : 'rejected');
+    } else {
+      signOut('network');
+      ui.tokenInput.value = token; // the token may be fine: keep it for a retry
+    }
     return;
   }
   sessionStorage.setItem(TOKEN_KEY, token);

@@ -172,7 +172,7 @@ export class Parley extends Emitter {
   constructor({ token, getToken, baseUrl = globalThis.location?.origin }) {
     super();
     if (!baseUrl) throw new TypeError('Parley: baseUrl is required outside a page');
-    /** Origin (and optional path prefix) of the server. @type {string} */
+    /** Origin of the server; REST and socket paths are resolved against it. @type {string} */
     this.baseUrl = baseUrl;
     this.#getToken = getToken;
     this.setToken(token);
@@ -260,7 +260,10 @@ export class Parley extends Emitter {
     return this.#track(new NotificationSocket(this, options));
   }
 
-  /** Closes every socket opened through this client and stops refreshing the token. */
+  /**
+   * Disposes of the client: closes every socket opened through it and stops
+   * refreshing the token (`getToken` is dropped). Create a new Parley to start over.
+   */
   close() {
     this.#getToken = undefined;
     this.#scheduleRefresh();
@@ -557,6 +560,8 @@ class ParleySocket extends Emitter {
     ws.onclose = (event) => {
       if (ws === this.#ws) this.#lost(event.code, event.reason);
     };
+    // A close event always follows an error; handling it also keeps Node's `ws` from throwing.
+    ws.onerror = () => {};
     this.#armDeadline(READY_TIMEOUT_MS);
   }
 

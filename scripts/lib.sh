@@ -42,6 +42,11 @@ ensure_conf_link() {
 	if [ "$name" != parley ] && [ ! -e "$PARLEY_ROOT/conf/$name.conf" ]; then
 		ln -s parley.conf "$PARLEY_ROOT/conf/$name.conf"
 	fi
+	# kodev run leaves the binary as ./<name>: keep it out of git status.
+	if [ -d "$PARLEY_ROOT/.git/info" ] &&
+	    ! grep -qx "/$name" "$PARLEY_ROOT/.git/info/exclude" 2>/dev/null; then
+		echo "/$name" >> "$PARLEY_ROOT/.git/info/exclude"
+	fi
 }
 
 # Build build/<flavor>/parley. Kore does not rebuild objects when only a

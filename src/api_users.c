@@ -14,17 +14,20 @@
  * OR IN CONNECTION WITH THE USE OR PERFORMANCE OF THIS SOFTWARE.
  */
 
-/* The caller's own resources: /api/me (PROTOCOL.md section 4). */
+/* The caller's own resources: /api/me, /api/unread (PROTOCOL.md 4). */
 
 #include <sys/types.h>
 
 #include "parley.h"
 
 int	api_me(struct http_request *);
+int	api_unread(struct http_request *);
 
 /* Refresh the display name from the token, then read the totals. */
 static const char	me_sql[] =
     "SELECT parley_me($1) FROM parley_touch_user($1, $2)";
+
+static const char	unread_sql[] = "SELECT parley_unread($1)";
 
 int
 api_me(struct http_request *req)
@@ -43,4 +46,23 @@ api_me(struct http_request *req)
 	params[1] = id.name;
 
 	return (rest_query(req, HTTP_STATUS_OK, me_sql, 2, params, NULL));
+}
+
+/* The conversations with unread messages; the total leaves muted ones out. */
+int
+api_unread(struct http_request *req)
+{
+	struct identity		id;
+	const char		*params[1];
+
+	if (http_state_exists(req))
+		return (rest_resume(req));
+
+	if (!rest_method(req, HTTP_METHOD_GET) ||
+	    !rest_identity(req, REST_USER, &id))
+		return (KORE_RESULT_OK);
+
+	params[0] = id.user_id;
+
+	return (rest_query(req, HTTP_STATUS_OK, unread_sql, 1, params, NULL));
 }

@@ -23,6 +23,9 @@
 
 #include <sys/types.h>
 
+#include <ctype.h>
+#include <stdint.h>
+#include <stdio.h>
 #include <string.h>
 #include <strings.h>
 
@@ -40,6 +43,9 @@ struct rest_call {
 static void	rest_call_free(struct http_request *);
 static void	rest_query_done(struct db_result *, void *);
 static void	rest_error_body(struct kore_buf *, const char *, const char *);
+static char	*rest_param(struct http_request *, const char *);
+static int	rest_digits(const char *);
+static int	rest_id_value(const char *, int64_t, char *, size_t);
 
 void
 rest_reply(struct http_request *req, int status, const void *body, size_t len)
@@ -246,5 +252,261 @@ int
 rest_not_found(struct http_request *req)
 {
 	rest_error(req, HTTP_STATUS_NOT_FOUND, "not_found", "no such resource");
+	return (KORE_RESULT_OK);
+}
+
+/*
+ * Validating REST input. Every helper that rejects something answers
+ * 400 invalid_payload itself and returns KORE_RESULT_ERROR, so handlers
+ * only return KORE_RESULT_OK when a helper fails.
+ */
+int
+rest_invalid(struct http_request *req, const char *message)
+{
+	rest_error(req, HTTP_STATUS_BAD_REQUEST, "invalid_payload", message);
+	return (KORE_RESULT_ERROR);
+}
+
+/*
+ * The paging parameters of a list: `limit` (a positive integer, `def`
+ * when absent, clamped to `max`: a number past 64 bits is just large),
+ * `before` (an id, or with REST_PAGE_CURSOR the list's opaque cursor) and
+ * with REST_PAGE_AFTER `after` (an id; 0 is "from the start", as on the
+ * socket). Ids come back in canonical decimal, ready as query parameters.
+ */
+int
+rest_page(struct http_request *req, int64_t def, int64_t max, int flags,
+    struct rest_page *page)
+{
+	char		*v, *digits;
+	int64_t		n;
+	int		ok;
+
+	memset(page, 0, sizeof(*page));
+
+	n = def;
+	if ((v = rest_param(req, "limit")) != NULL) {
+		if ((ok = rest_digits(v))) {
+			digits = v + strspn(v, "0");
+			if (*digits == '\0')
+				ok = 0;
+			else if (strlen(digits) > 18)
+				n = max;
+			else
+				ok = util_parse_int64(digits, 1, INT64_MAX, &n);
+		}
+		kore_free(v);
+		if (!ok)
+			return (rest_invalid(req,
+			    "limit must be a positive integer"));
+		if (n > max)
+			n = max;
+	}
+	(void)snprintf(page->limit, sizeof(page->limit), "%lld",
+	    (long long)n);
+
+	if ((v = rest_param(req, "before")) != NULL) {
+		if (flags & REST_PAGE_CURSOR) {
+			ok = *v != '\0' &&
+			    strspn(v, "0123456789_-") == strlen(v) &&
+			    kore_strlcpy(page->before_buf, v,
+			    sizeof(page->before_buf)) <
+			    sizeof(page->before_buf);
+		} else {
+			ok = rest_id_value(v, 1, page->before_buf,
+			    sizeof(page->before_buf));
+		}
+		kore_free(v);
+		if (!ok)
+			return (rest_invalid(req, (flags & REST_PAGE_CURSOR) ?
+			    "before must be a next_before cursor" :
+			    "before must be a positive integer"));
+		page->before = page->before_buf;
+	}
+
+	if ((flags & REST_PAGE_AFTER) &&
+	    (v = rest_param(req, "after")) != NULL) {
+		ok = rest_id_value(v, 0, page->after_buf,
+		    sizeof(page->after_buf));
+		kore_free(v);
+		if (!ok)
+			return (rest_invalid(req,
+			    "after must be a non-negative integer"));
+		page->after = page->after_buf;
+	}
+
+	return (KORE_RESULT_OK);
+}
+
+/* A true/false query parameter; *out is left alone when it is absent. */
+int
+rest_param_bool(struct http_request *req, const char *name, int *out)
+{
+	char		*v, msg[96];
+	int		ok;
+
+	if ((v = rest_param(req, name)) == NULL)
+		return (KORE_RESULT_OK);
+
+	ok = 1;
+	if (!strcmp(v, "true") || !strcmp(v, "1"))
+		*out = 1;
+	else if (!strcmp(v, "false") || !strcmp(v, "0"))
+		*out = 0;
+	else
+		ok = 0;
+	kore_free(v);
+
+	if (!ok) {
+		(void)snprintf(msg, sizeof(msg), "%s must be true or false",
+		    name);
+		return (rest_invalid(req, msg));
+	}
+
+	return (KORE_RESULT_OK);
+}
+
+/*
+ * The path's id, in decimal. The route's regex only lets digits through;
+ * 0, or a number past 64 bits, is no id: 404 whatever the token, like a
+ * path no route takes, so handlers check it before the token.
+ */
+int
+rest_path_id(struct http_request *req, char *buf, size_t len)
+{
+	int64_t		id;
+
+	if (!util_path_id(req, &id)) {
+		(void)rest_not_found(req);
+		return (KORE_RESULT_ERROR);
+	}
+
+	(void)snprintf(buf, len, "%lld", (long long)id);
+	return (KORE_RESULT_OK);
+}
+
+/* A member of a JSON object; JSON null counts as absent. */
+yajl_val
+rest_member(yajl_val obj, const char *name)
+{
+	const char	*path[] = { name, NULL };
+	yajl_val	v;
+
+	if (obj == NULL || !YAJL_IS_OBJECT(obj))
+		return (NULL);
+
+	v = yajl_tree_get(obj, path, yajl_t_any);
+	return (v != NULL && YAJL_IS_NULL(v) ? NULL : v);
+}
+
+/* A user id in JSON: a string of 1-64 bytes, or an integer (7 is "7"). */
+int
+rest_user_id(yajl_val v, char *out, size_t len)
+{
+	size_t		n;
+
+	if (v != NULL && YAJL_IS_INTEGER(v)) {
+		(void)snprintf(out, len, "%lld", YAJL_GET_INTEGER(v));
+		return (KORE_RESULT_OK);
+	}
+
+	if (v == NULL || !YAJL_IS_STRING(v))
+		return (KORE_RESULT_ERROR);
+
+	n = strlen(v->u.string);
+	if (n < 1 || n > PARLEY_USER_ID_MAX || n >= len)
+		return (KORE_RESULT_ERROR);
+
+	(void)kore_strlcpy(out, v->u.string, len);
+	return (KORE_RESULT_OK);
+}
+
+/*
+ * A send message_parse() refused, as REST answers it: 403 for a type the
+ * caller may not send, 400 otherwise. unknown_type is a socket event
+ * code; over REST a body that names another event is just invalid.
+ */
+void
+rest_message_error(struct http_request *req, const struct message_in *m)
+{
+	if (!strcmp(m->error, "forbidden_type")) {
+		rest_error(req, HTTP_STATUS_FORBIDDEN, m->error, m->detail);
+	} else if (!strcmp(m->error, "unknown_type")) {
+		rest_error(req, HTTP_STATUS_BAD_REQUEST, "invalid_payload",
+		    "type names another event, not a message");
+	} else {
+		rest_error(req, HTTP_STATUS_BAD_REQUEST, m->error, m->detail);
+	}
+}
+
+/*
+ * A rest_finish_fn for functions returning (created boolean, body text):
+ * `ok_status` (201) when something was created, 200 when an existing one
+ * was found.
+ */
+int
+rest_finish_created(struct db_result *r, int ok_status, struct kore_buf *body)
+{
+	if (PQntuples(r->res) != 1 || PQnfields(r->res) != 2 ||
+	    PQgetisnull(r->res, 0, 0) || PQgetisnull(r->res, 0, 1)) {
+		rest_error_body(body, "internal", "empty result");
+		return (HTTP_STATUS_INTERNAL_ERROR);
+	}
+
+	kore_buf_append(body, PQgetvalue(r->res, 0, 1),
+	    PQgetlength(r->res, 0, 1));
+
+	return (!strcmp(PQgetvalue(r->res, 0, 0), "t") ? ok_status :
+	    HTTP_STATUS_OK);
+}
+
+/*
+ * The URL-decoded value of query parameter `name`, NULL when absent. A
+ * value never decodes longer than the query string, so a buffer of that
+ * size tells a long value from a missing one (util_query_get cannot).
+ */
+static char *
+rest_param(struct http_request *req, const char *name)
+{
+	char		*buf;
+	size_t		len;
+
+	if (req->query_string == NULL)
+		return (NULL);
+
+	len = strlen(req->query_string) + 1;
+	buf = kore_malloc(len);
+	if (!util_query_get(req, name, buf, len)) {
+		kore_free(buf);
+		return (NULL);
+	}
+
+	return (buf);
+}
+
+/* Decimal digits only: no sign, space, point or exponent. */
+static int
+rest_digits(const char *s)
+{
+	if (*s == '\0')
+		return (0);
+
+	for (; *s != '\0'; s++) {
+		if (!isdigit((unsigned char)*s))
+			return (0);
+	}
+
+	return (1);
+}
+
+static int
+rest_id_value(const char *s, int64_t min, char *out, size_t len)
+{
+	int64_t		id;
+
+	if (!rest_digits(s) || !util_parse_int64(s, min, INT64_MAX, &id))
+		return (KORE_RESULT_ERROR);
+
+	(void)snprintf(out, len, "%lld", (long long)id);
 	return (KORE_RESULT_OK);
 }

@@ -214,9 +214,11 @@ class WS:
     """A synchronous WebSocket client that understands Parley frames."""
 
     def __init__(self, server, path, token=None, via="subprotocol",
-                 origin=None, timeout=10, subprotocols=None, header=None):
+                 origin=None, timeout=10, subprotocols=None, header=None,
+                 suppress_origin=False):
         self.ws = websocket.WebSocket()
-        kw = {"timeout": timeout, "header": list(header or [])}
+        kw = {"timeout": timeout, "header": list(header or []),
+              "suppress_origin": suppress_origin}
         url = server.ws_base + path
         if token is not None:
             if via == "subprotocol":
@@ -296,3 +298,55 @@ class WS:
             self.ws.close()
         except Exception:
             pass
+
+
+# ---------------------------------------------------------------------------
+# Small generic helpers shared by the socket test files.
+# ---------------------------------------------------------------------------
+
+def sql_one(conn, sql, *args):
+    """The first column of the first row (None when there is no row)."""
+    with conn.cursor() as cur:
+        cur.execute(sql, args)
+        row = cur.fetchone() if cur.description else None
+        return None if row is None else row[0]
+
+
+def sql_rows(conn, sql, *args):
+    with conn.cursor() as cur:
+        cur.execute(sql, args)
+        return cur.fetchall()
+
+
+def create_conversation(conn, members, title=None, kind=None, ref=None,
+                        system_message=None, creator=None):
+    """Create (or get) a conversation with plain SQL; returns its id."""
+    body = json.dumps(list(members))
+    out = sql_one(conn, "SELECT parley_create_conversation(%s, %s::jsonb, "
+                  "%s, %s, %s, %s)", creator, body, title, kind, ref,
+                  system_message)
+    return json.loads(out)["conversation"]["id"]
+
+
+def metrics(server):
+    """/metrics as {'name{labels}': value}."""
+    out = {}
+    r = requests.get(server.base + "/metrics", timeout=10)
+    r.raise_for_status()
+    for line in r.text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+def wait_for(pred, timeout=10, interval=0.05, what="condition"):
+    """Poll pred() until it returns a true value; returns that value."""
+    deadline = time.time() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.time() >= deadline:
+            raise TimeoutError("%s not met in %ss" % (what, timeout))
+        time.sleep(interval)
