@@ -36,7 +36,10 @@ def server(binary, pg):
     """The shared server: two workers on the shared cluster."""
     srv = Server(binary, server_env(pg)).start()
     yield srv
+    srv.stop()
+    problems = srv.problems()
     srv.destroy()
+    assert not problems, "server reported: %s" % problems
 
 
 @pytest.fixture
@@ -51,8 +54,12 @@ def make_server(binary, pg):
         return srv.start(wait=wait)
 
     yield start
+    problems = []
     for srv in started:
+        srv.stop()
+        problems += srv.problems()
         srv.destroy()
+    assert not problems, "server reported: %s" % problems
 
 
 @pytest.fixture

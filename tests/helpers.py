@@ -168,6 +168,15 @@ class Server:
         with open(self.log_path, "rb") as f:
             return f.read().decode("utf-8", "replace")
 
+    # Lines that mean a bug whatever the test was about: sanitizer reports,
+    # seccomp kills, crashed workers.
+    PROBLEMS = ("ERROR: AddressSanitizer", "runtime error:",
+                "sandbox violation", ") gone")
+
+    def problems(self):
+        return [l for l in self.output().splitlines()
+                if any(p in l for p in self.PROBLEMS)]
+
     def stop(self, sig=signal.SIGTERM, timeout=20):
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else None
