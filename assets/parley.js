@@ -531,7 +531,7 @@ class ParleySocket extends Emitter {
   }
 
   /**
-   * Called when a connection is lost, before reconnecting.
+   * Called when the connection is lost (before reconnecting) and when the socket closes.
    * @protected
    */
   handleDisconnect() {}

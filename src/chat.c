@@ -34,14 +34,13 @@
 int	ws_chat(struct http_request *);
 
 static int	chat_send(struct session *, yajl_val, u_int64_t);
-static void	chat_sent(struct db_result *, void *);
-static void	chat_ack(struct session *, struct db_result *);
+static void	chat_ack(struct session *, const char *);
 static int	chat_read(struct session *, yajl_val);
 static void	chat_read_done(struct db_result *, void *);
 static int	chat_typing(struct session *, yajl_val);
 static void	chat_emit_typing(struct session *, int);
 static void	chat_opened(struct db_result *, void *);
-static const char *chat_error_code(struct db_result *);
+static const char *chat_error_code(int, const char *);
 
 int
 ws_chat(struct http_request *req)
@@ -135,8 +134,6 @@ static int
 chat_send(struct session *s, yajl_val root, u_int64_t recv)
 {
 	struct message_in	m;
-	const char		*params[6];
-	char			conv[24];
 
 	if (!message_parse(root, 0, &m)) {
 		ws_error(s, m.error, m.detail,
@@ -144,36 +141,28 @@ chat_send(struct session *s, yajl_val root, u_int64_t recv)
 		return (WS_EVENT_DONE);
 	}
 
-	(void)snprintf(conv, sizeof(conv), "%lld",
-	    (long long)s->conversation_id);
-	params[0] = conv;
-	params[1] = s->ident.user_id;
-	params[2] = m.type;
-	params[3] = m.content;
-	params[4] = m.metadata;
-	params[5] = m.has_client_id ? m.client_id : NULL;
-
 	(void)kore_strlcpy(s->send_ref, m.has_client_id ? m.client_id : "",
 	    sizeof(s->send_ref));
 	s->send_received = recv;
 
-	s->query = db_query("SELECT parley_post_message($1, $2, $3, $4, "
-	    "$5::jsonb, $6)", 6, params, chat_sent, s);
+	batch_submit(s, &m);
 	message_cleanup(&m);
 
 	return (WS_EVENT_WAIT);
 }
 
-static void
-chat_sent(struct db_result *r, void *arg)
+/*
+ * The send's batch came back: body is parley_post_message's answer when
+ * status is 200, else code and message say why it was refused.
+ */
+void
+chat_sent(struct session *s, int status, const char *body, const char *code,
+    const char *message)
 {
-	struct session	*s = arg;
-
-	s->query = NULL;
-	if (r->ok) {
-		chat_ack(s, r);
+	if (status == HTTP_STATUS_OK) {
+		chat_ack(s, body);
 	} else {
-		ws_error(s, chat_error_code(r), r->message,
+		ws_error(s, chat_error_code(status, code), message,
 		    s->send_ref[0] != '\0' ? s->send_ref : NULL);
 	}
 
@@ -185,7 +174,7 @@ chat_sent(struct db_result *r, void *arg)
  * broadcast, to this socket too, comes through the bus.
  */
 static void
-chat_ack(struct session *s, struct db_result *r)
+chat_ack(struct session *s, const char *body)
 {
 	const char	*status_path[] = { "status", NULL };
 	const char	*id_path[] = { "message", "id", NULL };
@@ -193,7 +182,7 @@ chat_ack(struct session *s, struct db_result *r)
 	struct kore_buf	buf;
 	yajl_val	root, status, id, ts;
 
-	root = json_parse(PQgetvalue(r->res, 0, 0), PQgetlength(r->res, 0, 0));
+	root = json_parse(body, strlen(body));
 	status = yajl_tree_get(root, status_path, yajl_t_string);
 	id = yajl_tree_get(root, id_path, yajl_t_number);
 	ts = yajl_tree_get(root, ts_path, yajl_t_string);
@@ -226,12 +215,12 @@ chat_ack(struct session *s, struct db_result *r)
 
 /* Socket error codes for a failed call (PROTOCOL.md section 2). */
 static const char *
-chat_error_code(struct db_result *r)
+chat_error_code(int status, const char *code)
 {
-	switch (r->status) {
+	switch (status) {
 	case HTTP_STATUS_BAD_REQUEST:
 	case HTTP_STATUS_CONFLICT:
-		return (r->code);
+		return (code);
 	case HTTP_STATUS_FORBIDDEN:
 	case HTTP_STATUS_NOT_FOUND:
 		return ("forbidden");
@@ -274,7 +263,8 @@ chat_read_done(struct db_result *r, void *arg)
 
 	s->query = NULL;
 	if (!r->ok)
-		ws_error(s, chat_error_code(r), r->message, NULL);
+		ws_error(s, chat_error_code(r->status, r->code), r->message,
+		    NULL);
 
 	ws_event_done(s);
 }

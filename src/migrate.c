@@ -45,6 +45,7 @@ static const struct migration migrations[] = {
 	{ 4, "004_notifications", asset_004_notifications_sql },
 	{ 5, "005_sockets", asset_005_sockets_sql },
 	{ 6, "006_rest", asset_006_rest_sql },
+	{ 7, "007_batch", asset_007_batch_sql },
 	{ 0, NULL, NULL },
 };
 

@@ -147,6 +147,7 @@ struct ws_event {
 
 struct hub_conv;
 struct hub_user;
+struct batch_item;
 
 struct session {
 	struct connection	*c;
@@ -184,7 +185,8 @@ struct session {
 	u_int64_t		typing_until;
 	u_int64_t		pinged;
 
-	/* The send in flight: what its ack or error needs. */
+	/* The send in flight: its batch entry, what its ack or error needs. */
+	struct batch_item	*batch_item;
 	char			send_ref[PARLEY_CLIENT_ID_MAX + 1];
 	u_int64_t		send_received;
 };
@@ -222,6 +224,12 @@ int	ws_draining(void);
 /* The chat socket's events (chat.c) and the notification socket's (notify.c). */
 void	chat_open(struct session *);
 void	chat_typing_expired(struct session *);
+void	chat_sent(struct session *, int, const char *, const char *,
+	    const char *);
+
+/* Write batching of socket sends (batch.c). */
+void	batch_submit(struct session *, struct message_in *);
+void	batch_forget(struct session *);
 int	chat_event(struct session *, const char *, yajl_val, u_int64_t);
 void	notify_open(struct session *);
 int	notify_event(struct session *, const char *, yajl_val, u_int64_t);

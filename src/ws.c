@@ -291,6 +291,7 @@ ws_on_disconnect(struct connection *c)
 
 	db_cancel(s->query);
 	s->query = NULL;
+	batch_forget(s);
 
 	while ((ev = TAILQ_FIRST(&s->events)) != NULL) {
 		TAILQ_REMOVE(&s->events, ev, list);
@@ -492,7 +493,8 @@ ws_sends_pending(void)
 	struct session	*s;
 
 	TAILQ_FOREACH(s, &ws_sessions, all_list) {
-		if (s->query != NULL || !TAILQ_EMPTY(&s->events))
+		if (s->query != NULL || s->batch_item != NULL ||
+		    !TAILQ_EMPTY(&s->events))
 			return (1);
 	}
 
@@ -514,7 +516,7 @@ ws_process(struct session *s)
 	int			r;
 
 	while (s->state == SESSION_OPEN && s->query == NULL &&
-	    (ev = TAILQ_FIRST(&s->events)) != NULL) {
+	    s->batch_item == NULL && (ev = TAILQ_FIRST(&s->events)) != NULL) {
 		TAILQ_REMOVE(&s->events, ev, list);
 		s->nevents--;
 
@@ -524,8 +526,9 @@ ws_process(struct session *s)
 		yajl_tree_free(ev->root);
 		kore_free(ev);
 
-		/* The query's callback may have run already (database down). */
-		if (r == WS_EVENT_WAIT && s->query != NULL)
+		/* The answer may have come already (database down). */
+		if (r == WS_EVENT_WAIT &&
+		    (s->query != NULL || s->batch_item != NULL))
 			return;
 	}
 }
