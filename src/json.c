@@ -27,6 +27,10 @@
 
 #include "parley.h"
 
+#define JSON_DEPTH_MAX		64
+
+static int	json_depth_ok(const u_int8_t *, size_t);
+
 /* Append s (len bytes of valid UTF-8) as a quoted JSON string. */
 void
 json_append_string(struct kore_buf *buf, const char *s, size_t len)
@@ -167,6 +171,38 @@ json_serialize(struct kore_buf *buf, yajl_val v)
 	}
 }
 
+/*
+ * Whether arrays and objects nest at most JSON_DEPTH_MAX deep: yajl frees
+ * and we serialise trees recursively, so a frame of 60,000 brackets must
+ * not reach them.
+ */
+static int
+json_depth_ok(const u_int8_t *s, size_t len)
+{
+	size_t		i, depth;
+	int		in_string;
+
+	depth = 0;
+	in_string = 0;
+	for (i = 0; i < len; i++) {
+		if (in_string) {
+			if (s[i] == '\\')
+				i++;
+			else if (s[i] == '"')
+				in_string = 0;
+		} else if (s[i] == '"') {
+			in_string = 1;
+		} else if (s[i] == '[' || s[i] == '{') {
+			if (++depth > JSON_DEPTH_MAX)
+				return (0);
+		} else if ((s[i] == ']' || s[i] == '}') && depth > 0) {
+			depth--;
+		}
+	}
+
+	return (1);
+}
+
 /* Parse len bytes (not NUL-terminated) of UTF-8 JSON; NULL if invalid. */
 yajl_val
 json_parse(const void *data, size_t len)
@@ -174,7 +210,8 @@ json_parse(const void *data, size_t len)
 	char		*text;
 	yajl_val	v;
 
-	if (!json_utf8_valid(data, len) || memchr(data, '\0', len) != NULL)
+	if (!json_utf8_valid(data, len) || memchr(data, '\0', len) != NULL ||
+	    !json_depth_ok(data, len))
 		return (NULL);
 
 	text = kore_malloc(len + 1);
