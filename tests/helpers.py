@@ -139,6 +139,10 @@ class Server:
     def start(self, wait="ready", timeout=30):
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
                "HOME": self.dir}
+        # Sanitizer settings from scripts/test --asan reach the server.
+        for name in ("ASAN_OPTIONS", "UBSAN_OPTIONS"):
+            if name in os.environ:
+                env[name] = os.environ[name]
         env.update(self.env)
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([self.binary, "-f", "-n", "-r"],
@@ -244,6 +248,17 @@ class WS:
             kw["origin"] = origin
         self.ws.connect(url, **kw)
         self.frames = []
+        # websocket-client answers a close frame with its own close before
+        # it returns the frame; when the server has already hung up that
+        # reply fails (broken pipe) and the close code would be lost.
+        reply = self.ws.send_close
+
+        def send_close_quietly(*args, **kwargs):
+            try:
+                reply(*args, **kwargs)
+            except (OSError, websocket.WebSocketException):
+                pass
+        self.ws.send_close = send_close_quietly
 
     @property
     def subprotocol(self):
@@ -265,6 +280,8 @@ class WS:
                 raise TimeoutError("no frame in %.1fs" % timeout)
             except websocket.WebSocketConnectionClosedException:
                 raise Closed(None, "connection dropped")
+            except OSError as e:          # reset by the server
+                raise Closed(None, "connection dropped: %s" % e)
             if op == websocket.ABNF.OPCODE_CLOSE:
                 code = int.from_bytes(data[:2], "big") if len(data) >= 2 else None
                 raise Closed(code, data[2:].decode("utf-8", "replace"))
