@@ -94,18 +94,25 @@ kore_worker_teardown(void)
 }
 
 /*
- * Every socket is a connection and a descriptor: take as many as the hard
- * limit allows (raise it with LimitNOFILE= under systemd), keeping a few
- * for the database and logs.
+ * Every socket is a connection and a descriptor: raise the soft limit to
+ * the hard one (raise that with LimitNOFILE= under systemd). Kore adds the
+ * descriptors a worker already holds to worker_rlimit_nofiles, so leave it
+ * room below the hard limit, and keep some for the database and logs.
  */
 static void
 parley_set_limits(void)
 {
 	struct rlimit	rl;
 
-	if (getrlimit(RLIMIT_NOFILE, &rl) == -1 || rl.rlim_max == RLIM_INFINITY)
+	if (getrlimit(RLIMIT_NOFILE, &rl) == -1)
+		fatal("getrlimit: %s", errno_s);
+	if (rl.rlim_max == RLIM_INFINITY || rl.rlim_max > 1048576)
 		rl.rlim_max = 1048576;
+	rl.rlim_cur = rl.rlim_max;
+	(void)setrlimit(RLIMIT_NOFILE, &rl);
 
-	worker_rlimit_nofiles = rl.rlim_max;
-	worker_max_connections = rl.rlim_max > 256 ? rl.rlim_max - 128 : 128;
+	if (rl.rlim_max < 1024)
+		rl.rlim_max = 1024;
+	worker_rlimit_nofiles = rl.rlim_max - 128;
+	worker_max_connections = rl.rlim_max - 256;
 }
