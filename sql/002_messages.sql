@@ -487,10 +487,13 @@ begin
                               'user_id', p_user, 'message_id', v_pos,
                               'read_at', parley_ts(v_now))::text);
 
+        -- Only once the reader has reached the message it stands for: a read
+        -- of an older message leaves it unread, as the unread count does.
         with marked as (
             update notifications set read_at = v_now
              where user_id = p_user and conversation_id = p_conversation
                and type = 'new_message' and read_at is null
+               and coalesce((payload->'message'->>'id')::bigint, 0) <= v_pos
             returning notifications.id)
         select array_agg(marked.id order by marked.id) into v_ids from marked;
 

@@ -80,7 +80,10 @@ static const char	get_sql[] =
 static const char	mute_sql[] =
     "SELECT parley_set_muted($1, $2, $3)";
 
-/* parley_mark_read() also says where the position went; REST wants less. */
+/*
+ * parley_mark_read() also says where the position went and whether it
+ * moved; the REST answer is the count alone.
+ */
 static const char	read_sql[] =
     "SELECT json_build_object('unread_count', r -> 'unread_count')::text "
     "FROM (SELECT parley_mark_read($1, $2, $3)::json) AS s(r)";
@@ -148,7 +151,8 @@ api_conversation_read(struct http_request *req)
 	v = rest_member(root, "message_id");
 	if (v != NULL && (!YAJL_IS_INTEGER(v) || YAJL_GET_INTEGER(v) < 1)) {
 		yajl_tree_free(root);
-		(void)rest_invalid(req, "message_id must be a positive integer");
+		(void)rest_invalid(req,
+		    "message_id must be a positive integer");
 		return (KORE_RESULT_OK);
 	}
 

@@ -222,3 +222,27 @@ json_parse(const void *data, size_t len)
 
 	return (v);
 }
+
+/*
+ * Whether a JSON text holds the escape \u0000. yajl decodes it into a C
+ * string that ends there, and PostgreSQL text and jsonb cannot hold it:
+ * refuse it rather than store a silently shortened value. Every backslash
+ * in JSON starts an escape, so skipping escapes whole is exact.
+ */
+int
+json_has_nul(const void *data, size_t len)
+{
+	const u_int8_t	*p = data;
+	size_t		i;
+
+	for (i = 0; i + 1 < len; i++) {
+		if (p[i] != '\\')
+			continue;
+		if (p[i + 1] == 'u' && i + 5 < len &&
+		    !memcmp(p + i + 2, "0000", 4))
+			return (1);
+		i++;
+	}
+
+	return (0);
+}

@@ -260,6 +260,7 @@ int	migrate_run(PGconn *);
 void	json_append_string(struct kore_buf *, const char *, size_t);
 void	json_serialize(struct kore_buf *, yajl_val);
 yajl_val	json_parse(const void *, size_t);
+int	json_has_nul(const void *, size_t);
 int	json_utf8_valid(const u_int8_t *, size_t);
 size_t	json_utf8_length(const u_int8_t *, size_t);
 

@@ -116,8 +116,12 @@ rest_body(struct http_request *req, yajl_val *out)
 	const char	*ctype;
 	size_t		len;
 
+	/*
+	 * Kore rewinds the body buffer once it is complete (offset 0, for
+	 * http_body_read()); the bytes stay and the length is kept apart.
+	 */
 	*out = NULL;
-	len = req->http_body != NULL ? req->http_body->offset : 0;
+	len = req->http_body != NULL ? req->http_body_length : 0;
 
 	if (len == 0) {
 		*out = yajl_tree_parse("{}", NULL, 0);
@@ -150,6 +154,14 @@ rest_body(struct http_request *req, yajl_val *out)
 		*out = NULL;
 		rest_error(req, HTTP_STATUS_BAD_REQUEST, "invalid_payload",
 		    "the body must be a JSON object");
+		return (KORE_RESULT_ERROR);
+	}
+
+	if (json_has_nul(req->http_body->data, len)) {
+		yajl_tree_free(*out);
+		*out = NULL;
+		rest_error(req, HTTP_STATUS_BAD_REQUEST, "invalid_payload",
+		    "strings may not contain U+0000");
 		return (KORE_RESULT_ERROR);
 	}
 

@@ -248,6 +248,13 @@ ws_on_message(struct connection *c, u_int8_t op, const void *data, size_t len)
 		return;
 	}
 
+	if (json_has_nul(data, len)) {
+		yajl_tree_free(root);
+		ws_error(s, "invalid_payload",
+		    "strings may not contain U+0000", NULL);
+		return;
+	}
+
 	now = kore_time_ms();
 	if (ws_is_send(s, v->u.string) && !ws_rate_ok(s, now, root)) {
 		yajl_tree_free(root);

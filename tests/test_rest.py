@@ -90,12 +90,18 @@ def send(server, token, conv, body, status=201):
 
 
 def insert_messages(conn, conv, sender, n):
-    """n messages with plain SQL (the triggers number them); their ids."""
+    """n messages with plain SQL (the triggers number them); their ids.
+    Batches of 100, each its own transaction: the triggers update the same
+    conversation and participant rows for every message, and within one
+    transaction each update walks all earlier versions of those rows."""
+    ids = []
     with conn.cursor() as cur:
-        cur.execute("insert into messages (conversation_id, sender_id, content) "
-                    "select %s, %s, 'm' || g from generate_series(1, %s) g "
-                    "returning id", (conv, sender, n))
-        return sorted(r[0] for r in cur.fetchall())
+        for start in range(0, n, 100):
+            cur.execute("insert into messages (conversation_id, sender_id, content) "
+                        "select %s, %s, 'm' || g from generate_series(%s, %s) g "
+                        "returning id", (conv, sender, start + 1, min(start + 100, n)))
+            ids += [r[0] for r in cur.fetchall()]
+    return sorted(ids)
 
 
 def unread(server, user):
@@ -266,6 +272,43 @@ def test_body_that_is_not_an_object_is_400_invalid_payload(server, conn):
                   data), 400, "invalid_payload")
         error(raw(server, "PUT", "/api/notification-preferences", u.token, data),
               400, "invalid_payload")
+    assert counts(conn) == before
+
+
+def test_nul_in_any_string_is_refused_not_truncated(server, conn):
+    """PostgreSQL cannot store U+0000 and yajl would cut the string there."""
+    a, b = users(2)
+    conv = conversation(server, a.token, [b.id])["id"]
+    before = counts(conn)
+    for method, path, token, body in (
+            ("POST", "/api/conversations/%d/messages" % conv, a.token,
+             {"content": "before\u0000after"}),
+            ("POST", "/api/conversations/%d/messages" % conv, a.token,
+             {"content": "meta", "metadata": {"k": "a\u0000b"}}),
+            ("POST", "/api/conversations", a.token,
+             {"participants": [b.id + "\u0000x"]}),
+            ("POST", "/api/conversations", a.token,
+             {"participants": [b.id], "title": "t\u0000"}),
+            ("POST", "/api/notifications", SERVICE,
+             {"user_id": b.id, "type": "x", "payload": {"k\u0000": 1}}),
+            ("PUT", "/api/notification-preferences", a.token,
+             {"disabled_types": ["x\u0000"]})):
+        data = json.dumps(body)
+        assert "\\u0000" in data
+        error(raw(server, method, path, token, data), 400, "invalid_payload")
+    assert counts(conn) == before
+    # An escaped backslash before "u0000" is just text.
+    m = send(server, a.token, conv, {"content": "a\\u0000b"})
+    assert m["content"] == "a\\u0000b"
+
+
+def test_deeply_nested_body_is_400(server, conn):
+    a = User()
+    conv = conversation(server, a.token, [new_id()])["id"]
+    before = counts(conn)
+    deep = '{"content":"x","metadata":' + '{"k":' * 100 + "1" + "}" * 101
+    error(raw(server, "POST", "/api/conversations/%d/messages" % conv, a.token, deep),
+          400, "invalid_json")
     assert counts(conn) == before
 
 
@@ -896,13 +939,18 @@ def test_service_sends(server, conn):
 # GET /api/conversations/{id}/messages
 # ---------------------------------------------------------------------------------
 
-@pytest.fixture
-def long_conversation(server, conn):
-    """A conversation of 3,000 messages written with plain SQL."""
+@pytest.fixture(scope="module")
+def long_conversation(server, pg):
+    """A conversation of 3,000 messages from two senders, written with plain
+    SQL; the tests only read it."""
     a, b = users(2)
     conv = conversation(server, a.token, [b.id])["id"]
-    half = insert_messages(conn, conv, a.id, 1500)
-    ids = sorted(half + insert_messages(conn, conv, b.id, 1500))
+    conn = pg.connect()
+    ids = []
+    for i in range(6):
+        ids += insert_messages(conn, conv, (a, b)[i % 2].id, 500)
+    conn.close()
+    assert ids == sorted(ids) and len(ids) == 3000
     return a, b, conv, ids
 
 
@@ -973,8 +1021,13 @@ def test_history_windows_and_limits(server, long_conversation):
     assert [m["id"] for m in page["messages"]] == ids[:7] and page["has_more"]
     # Message objects are complete.
     m = history(server, a.token, conv, "?limit=1")["messages"][0]
-    assert m["sender_id"] == b.id and m["sender_name"] == b.name
-    assert m["content"] == m["message_text"] == "m1500"
+    assert m["sender_id"] == b.id and m["sender_name"] == "user " + b.id
+    assert m["content"] == m["message_text"] == "m500"
+    assert m["is_read"] is False
+    # b was only named by a so far; once seen, history shows b's name.
+    ok(api(server, "GET", "/api/me", b.token))
+    m = history(server, a.token, conv, "?limit=1")["messages"][0]
+    assert m["sender_name"] == b.name
 
 
 def test_history_of_an_empty_conversation(server):
