@@ -30,8 +30,9 @@ create table conversations (
 -- "No context matches no context": nulls must collide here (PostgreSQL 15).
 create unique index conversations_key
     on conversations (member_hash, context_kind, context_ref) nulls not distinct;
--- Activity order (updated_at desc, id desc), the conversation list's keyset.
-create index conversations_activity on conversations (updated_at desc, id desc);
+-- No index on updated_at: every message updates it, and an index on it would
+-- make each of those updates a non-HOT one. Lists are per user: they reach
+-- conversations through participants_user and sort a user's few rows.
 
 create table participants (
     conversation_id       bigint not null references conversations (id) on delete cascade,
@@ -44,10 +45,10 @@ create table participants (
     primary key (conversation_id, user_id)
 );
 
--- A user's conversations (list, /api/unread, totals).
+-- A user's conversations (list, /api/unread, totals). Nothing indexes
+-- unread_count: every message bumps it for every other participant, and those
+-- updates stay HOT only while no index (or index predicate) mentions it.
 create index participants_user on participants (user_id, conversation_id);
--- Only the rows with something unread, for the per-user unread totals.
-create index participants_unread on participants (user_id) where unread_count > 0;
 
 -- Message ids come from this sequence, drawn by the BEFORE INSERT trigger only after
 -- the conversation row is locked (002_messages.sql): ids then grow in commit order

@@ -208,3 +208,22 @@ as $$
      order by m.id
      limit p_limit
 $$;
+
+-- Push a notification only to a user with a notification socket open
+-- somewhere. Building the live frame (with its unread totals) and one NOTIFY
+-- per recipient is most of what a message costs in a big conversation, and
+-- is wasted on users who are not connected. A socket that opens later gets
+-- the totals in its ready frame and replays what it missed with sync.
+create or replace function parley_notifications_push() returns trigger
+language plpgsql
+set search_path from current
+as $$
+begin
+    if exists (select 1 from parley_live_sockets() s
+                where s.user_id = new.user_id and s.conversation_id is null)
+       and not parley_type_disabled(new.user_id, new.type) then
+        perform parley_emit('n', new.id, 0, new.user_id, parley_notification_json(new, null));
+    end if;
+    return null;
+end
+$$;

@@ -60,12 +60,23 @@ def expect_px(conn, status, code, sql, *args):
         conn.rollback()
 
 
+SOCKETS = iter(range(1, 10 ** 9))
+
+
+def online(conn, uid, name):
+    """Register a notification socket for uid, as the server does when one
+    opens: notifications are pushed only to users with one."""
+    one(conn, "select parley_notify_open('sql-rules-node', %s, %s, %s, 1000)",
+        next(SOCKETS), uid, name)
+
+
 def touch(conn, *names):
-    """Create users (id -> display name) and return their ids."""
+    """Create users (id -> display name), each with a notification socket
+    open, and return their ids."""
     ids = []
     for name in names:
         uid = new_id()
-        one(conn, "select parley_touch_user(%s, %s)", uid, name)
+        online(conn, uid, name)
         ids.append(uid)
     return ids
 
@@ -589,7 +600,8 @@ def test_notification_type_and_payload_rules(conn):
 
 
 def test_notifications_push_list_and_read(conn, listener):
-    u = new_id()                                    # a user Parley has never seen
+    u = new_id()
+    online(conn, u, "Maria")
     payload = {"from_user": {"id": "7", "username": "maria"}}
     posted = call_json(conn, "select parley_post_notification(%s, 'friend_request', %s::jsonb)",
                        u, json.dumps(payload))
@@ -668,6 +680,20 @@ def test_new_message_frame_and_collapse_events(conn, listener):
     assert set(live) == {"type", "id", "created_at", "conversation_id", "from_user",
                          "message", "count", "unread_count", "total_unread"}
     assert not [e for e in events if e[0] in "nN" and e[3] == b]   # not to the sender
+
+
+def test_no_push_without_a_notification_socket(conn, listener):
+    a, b = new_id(), new_id()
+    one(conn, "select parley_touch_user(%s, 'Offline')", a)
+    one(conn, "select parley_touch_user(%s, 'Bob')", b)
+    conv = create(conn, b, [a, b])["conversation"]["id"]
+    insert_message(conn, conv, b, "while you were away")
+    call_json(conn, "select parley_post_notification(%s, 'promo', '{}')", a)
+    events = listener.collect()
+    assert [e[0] for e in events if e[2] == conv] == ["m"]
+    assert not [e for e in events if e[0] in "nN" and e[3] == a]
+    # Stored all the same, for the ready totals and sync.
+    assert one(conn, "select count(*) from notifications where user_id = %s", a) == 2
 
 
 def test_large_events_go_by_reference(conn, listener):
