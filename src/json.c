@@ -30,6 +30,7 @@
 #define JSON_DEPTH_MAX		64
 
 static int	json_depth_ok(const u_int8_t *, size_t);
+static int	json_strings_valid(yajl_val);
 
 /* Append s (len bytes of valid UTF-8) as a quoted JSON string. */
 void
@@ -220,7 +221,42 @@ json_parse(const void *data, size_t len)
 	v = yajl_tree_parse(text, NULL, 0);
 	kore_free(text);
 
+	/* Escapes such as a lone "\udc00" decode to no character at all. */
+	if (v != NULL && !json_strings_valid(v)) {
+		yajl_tree_free(v);
+		return (NULL);
+	}
+
 	return (v);
+}
+
+/* Every string and key of a parsed tree is valid UTF-8. */
+static int
+json_strings_valid(yajl_val v)
+{
+	size_t		i;
+
+	if (YAJL_IS_STRING(v))
+		return (json_utf8_valid((const u_int8_t *)v->u.string,
+		    strlen(v->u.string)));
+
+	if (YAJL_IS_ARRAY(v)) {
+		for (i = 0; i < v->u.array.len; i++) {
+			if (!json_strings_valid(v->u.array.values[i]))
+				return (0);
+		}
+	}
+
+	if (YAJL_IS_OBJECT(v)) {
+		for (i = 0; i < v->u.object.len; i++) {
+			if (!json_utf8_valid((const u_int8_t *)
+			    v->u.object.keys[i], strlen(v->u.object.keys[i])) ||
+			    !json_strings_valid(v->u.object.values[i]))
+				return (0);
+		}
+	}
+
+	return (1);
 }
 
 /*

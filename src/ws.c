@@ -51,6 +51,7 @@ static int	ws_rate_ok(struct session *, u_int64_t, yajl_val);
 static int	ws_is_send(struct session *, const char *);
 static void	ws_process(struct session *);
 static size_t	ws_pending_bytes(struct connection *);
+static const char *ws_ref(yajl_val);
 static void	ws_sweep(void *, u_int64_t);
 static void	ws_node_beat(void *, u_int64_t);
 static void	ws_run_loop(u_int64_t, int (*)(void));
@@ -249,9 +250,9 @@ ws_on_message(struct connection *c, u_int8_t op, const void *data, size_t len)
 	}
 
 	if (json_has_nul(data, len)) {
-		yajl_tree_free(root);
 		ws_error(s, "invalid_payload",
-		    "strings may not contain U+0000", NULL);
+		    "strings may not contain U+0000", ws_ref(root));
+		yajl_tree_free(root);
 		return;
 	}
 
@@ -796,8 +797,6 @@ ws_is_send(struct session *s, const char *type)
 static int
 ws_rate_ok(struct session *s, u_int64_t now, yajl_val root)
 {
-	const char	*path[] = { "client_id", NULL };
-	yajl_val	ref;
 	double		burst;
 
 	burst = parley_cfg.rate_messages * 3;
@@ -818,10 +817,20 @@ ws_rate_ok(struct session *s, u_int64_t now, yajl_val root)
 		return (0);
 	}
 
-	ref = yajl_tree_get(root, path, yajl_t_string);
 	ws_error(s, "rate_limited", "too many messages; slow down",
-	    ref != NULL ? ref->u.string : NULL);
+	    ws_ref(root));
 	return (0);
+}
+
+/* The client_id of a refused event, for the error's ref. */
+static const char *
+ws_ref(yajl_val root)
+{
+	const char	*path[] = { "client_id", NULL };
+	yajl_val	v;
+
+	v = yajl_tree_get(root, path, yajl_t_string);
+	return (v != NULL ? v->u.string : NULL);
 }
 
 /* Bytes queued on a connection and not yet written to the socket. */
