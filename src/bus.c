@@ -36,6 +36,8 @@
 #include "parley.h"
 
 #define BUS_CATCHUP_LIMIT	500
+#define BUS_RETRY_MIN		100
+#define BUS_RETRY_MAX		5000
 
 struct bus_note {
 	TAILQ_ENTRY(bus_note)	list;
@@ -46,7 +48,7 @@ struct bus_note {
 struct bus_catchup {
 	int64_t			conversation_id;
 	int64_t			after;
-	struct db_query		*query;
+	u_int64_t		backoff;
 };
 
 struct bus_parsed {
@@ -66,6 +68,8 @@ static void	bus_drain(void);
 static void	bus_fetch(struct bus_parsed *);
 static void	bus_fetched(struct db_result *, void *);
 static void	bus_catchup_start(int64_t, int64_t);
+static void	bus_catchup_query(struct bus_catchup *);
+static void	bus_catchup_retry(void *, u_int64_t);
 static void	bus_catchup_done(struct db_result *, void *);
 
 static TAILQ_HEAD(, bus_note)	bus_queue = TAILQ_HEAD_INITIALIZER(bus_queue);
@@ -202,26 +206,45 @@ static void
 bus_catchup_start(int64_t conversation_id, int64_t after)
 {
 	struct bus_catchup	*cu;
-	const char		*params[3];
-	char			conv[24], a[24], limit[16];
 
 	cu = kore_calloc(1, sizeof(*cu));
 	cu->conversation_id = conversation_id;
 	cu->after = after;
 
-	(void)snprintf(conv, sizeof(conv), "%lld", (long long)conversation_id);
-	(void)snprintf(a, sizeof(a), "%lld", (long long)after);
+	bus_catchups++;
+	bus_catchup_query(cu);
+}
+
+static void
+bus_catchup_query(struct bus_catchup *cu)
+{
+	const char		*params[3];
+	char			conv[24], a[24], limit[16];
+
+	(void)snprintf(conv, sizeof(conv), "%lld",
+	    (long long)cu->conversation_id);
+	(void)snprintf(a, sizeof(a), "%lld", (long long)cu->after);
 	(void)snprintf(limit, sizeof(limit), "%d", BUS_CATCHUP_LIMIT);
 	params[0] = conv;
 	params[1] = a;
 	params[2] = limit;
 
-	bus_catchups++;
 	(void)db_query("SELECT id, frame FROM parley_catchup($1, $2, $3)",
 	    3, params, bus_catchup_done, cu);
 }
 
-/* Deliver what was missed; a full page means there may be more. */
+static void
+bus_catchup_retry(void *arg, u_int64_t now)
+{
+	bus_catchup_query(arg);
+}
+
+/*
+ * Deliver what was missed; a full page means there may be more. A failed
+ * catch-up (the pool is often still reconnecting when LISTEN is back) is
+ * retried with backoff, and the bus stays paused until it succeeds: live
+ * frames must not overtake what the sockets missed.
+ */
 static void
 bus_catchup_done(struct db_result *r, void *arg)
 {
@@ -229,9 +252,18 @@ bus_catchup_done(struct db_result *r, void *arg)
 	int64_t			id;
 	int			i, n;
 
+	if (!r->ok) {
+		cu->backoff = cu->backoff ? cu->backoff * 2 : BUS_RETRY_MIN;
+		if (cu->backoff > BUS_RETRY_MAX)
+			cu->backoff = BUS_RETRY_MAX;
+		(void)kore_timer_add(bus_catchup_retry, cu->backoff, cu,
+		    KORE_TIMER_ONESHOT);
+		return;
+	}
+
 	bus_catchups--;
 
-	n = r->ok ? PQntuples(r->res) : 0;
+	n = PQntuples(r->res);
 	id = cu->after;
 	for (i = 0; i < n; i++) {
 		if (!util_parse_int64(PQgetvalue(r->res, i, 0), 1, INT64_MAX,
@@ -241,12 +273,8 @@ bus_catchup_done(struct db_result *r, void *arg)
 		    PQgetvalue(r->res, i, 1), PQgetlength(r->res, i, 1));
 	}
 
-	if (!r->ok) {
-		kore_log(LOG_NOTICE, "bus: catch-up of conversation %lld "
-		    "failed: %s", (long long)cu->conversation_id, r->message);
-	} else if (n == BUS_CATCHUP_LIMIT) {
+	if (n == BUS_CATCHUP_LIMIT)
 		bus_catchup_start(cu->conversation_id, id);
-	}
 
 	kore_free(cu);
 	bus_drain();

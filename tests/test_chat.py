@@ -16,9 +16,9 @@ import pytest
 import requests
 import websocket
 
-from helpers import (WS, Closed, api, create_conversation, make_token,
-                     metrics, new_id, service_token, sql_one, sql_rows,
-                     wait_for, SECRET)
+from helpers import (WS, Closed, Server, create_conversation, free_port,
+                     make_token, metrics, new_id, service_token, sql_one,
+                     sql_rows, wait_for, SECRET)
 
 TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
@@ -102,10 +102,35 @@ def message_of(ws, pred=lambda m: True, timeout=10):
                          pred(f["message"]), timeout)["message"]
 
 
+def find_message(ws, message_id, timeout=10):
+    """The `message` event of `message_id`, whether it already arrived
+    (while the socket waited for something else, such as its ack) or
+    arrives now. The ack and the broadcast of a send come by different
+    paths, so their order on the sending socket is not fixed."""
+    for f in ws.frames:
+        if f["type"] == "message" and f["message"]["id"] == message_id:
+            return f
+    return ws.recv_until(lambda f: f["type"] == "message" and
+                         f["message"]["id"] == message_id, timeout)
+
+
 def sql_insert(conn, conv, sender, content, type_=None):
     return sql_one(conn, "INSERT INTO messages (conversation_id, sender_id, "
                    "type, content) VALUES (%s, %s, %s, %s) RETURNING id",
                    conv, sender, type_, content)
+
+
+def message_ids(ws, n, timeout=10):
+    """The ids of the `message` events a socket has had so far (all frames
+    read through recv_until are kept), once there are at least n."""
+    def ids():
+        return [f["message"]["id"] for f in ws.frames
+                if f["type"] == "message"]
+    deadline = time.time() + timeout
+    while len(ids()) < n:
+        ws.recv_until(lambda f: f["type"] == "message",
+                      max(deadline - time.time(), 0.01))
+    return ids()
 
 
 def count_messages(conn, conv):
@@ -477,7 +502,7 @@ def test_ack_and_message_fan_out(server, conn, sockets, pair):
     assert TS.match(ack["timestamp"])
 
     for ws in (a1, a2, b1, b2):
-        frame = ws.recv_until(lambda f: f["type"] == "message")
+        frame = find_message(ws, ack["message_id"])
         assert "replay" not in frame
         msg = frame["message"]
         assert set(msg) == MESSAGE_KEYS
@@ -778,6 +803,115 @@ def test_nul_character_is_not_silently_truncated(server, conn, sockets, pair):
         assert got["ref"] == "nul-1"
     ws.send({"type": "ping"})
     ws.recv_type("pong")
+    # the same in metadata (jsonb cannot hold it either)
+    ws.send({"type": "message", "content": "meta", "client_id": "nul-2",
+             "metadata": {"k": "a\u0000b"}})
+    got = ws.recv_until(lambda f: f["type"] in ("ack", "error"))
+    if got["type"] == "ack":
+        stored = sql_one(conn, "SELECT metadata FROM messages WHERE id = %s",
+                         got["message_id"])
+        assert stored == {"k": "a\u0000b"}, "stored %r" % stored
+    else:
+        assert (got["code"], got["ref"]) == ("invalid_payload", "nul-2"), got
+
+
+def test_lone_surrogate_escape_is_refused_not_internal(server, conn, sockets,
+                                                     pair):
+    """"\\udc00" (a lone low surrogate) is no Unicode character: the send
+    is refused as invalid (the JSON is valid, the text is not), never
+    answered with internal, and the socket stays usable."""
+    conv, (a, b), (na, nb) = pair
+    ws = join(sockets, server, conv, a, na)
+    for raw, cid in (('{"type":"message","content":"x\\udc00","client_id":'
+                      '"sg-1"}', "sg-1"),
+                     ('{"type":"message","content":"x","metadata":{"k":'
+                      '"\\udfff"},"client_id":"sg-2"}', "sg-2")):
+        ws.send(raw)
+        got = ws.recv_until(lambda f: f["type"] in ("ack", "error"))
+        assert got["type"] == "error", (raw, got)
+        assert got["code"] in ("invalid_payload", "invalid_json"), (raw, got)
+        assert got["ref"] in (cid, None)
+    send_ok(ws, "fine", "sg-3")
+    assert count_messages(conn, conv) == 1
+
+
+@pytest.fixture
+def conversation_lock(pg):
+    """lock(conv): hold the conversation row (FOR UPDATE) in an open
+    transaction, so a write to it waits; release() commits."""
+    c = pg.connect()
+    c.autocommit = False
+
+    class Lock:
+        def lock(self, conv):
+            with c.cursor() as cur:
+                cur.execute("SELECT 1 FROM conversations WHERE id = %s "
+                            "FOR UPDATE", (conv,))
+
+        def release(self):
+            c.commit()
+
+    yield Lock()
+    c.rollback()
+    c.close()
+
+
+def _write_blocked(conn):
+    return sql_one(conn, "SELECT count(*) FROM pg_stat_activity WHERE "
+                   "application_name = 'parley' AND wait_event_type = "
+                   "'Lock'") > 0
+
+
+def test_sends_sharing_a_write_batch_are_answered_each(server, conn, sockets,
+                                                       conversation_lock):
+    """The server writes the sends that arrive while a write is in flight
+    together (sql/007_batch.sql). Each keeps its own outcome: a refused or
+    malformed send in the batch must not fail the others, and two sockets
+    of one user sending the same client_id get one message and the same
+    ack."""
+    a, b, c = new_id(), new_id(), new_id()
+    blocked = create_conversation(conn, [a, b])
+    conv = create_conversation(conn, [a, b, c])
+    wa_blocked = join(sockets, server, blocked, a)
+    b1 = join(sockets, server, conv, b)
+    b2 = join(sockets, server, conv, b)
+    wc = join(sockets, server, conv, c)
+    wc2 = join(sockets, server, conv, c)
+    wa = join(sockets, server, conv, a)
+    nodes = {r[0] for r in sql_rows(conn, "SELECT node FROM parley_sockets "
+                                    "WHERE user_id IN (%s, %s, %s)", a, b, c)}
+    if len(nodes) != 1:
+        pytest.skip("the sockets landed on different workers")
+
+    conversation_lock.lock(blocked)
+    wa_blocked.send({"type": "message", "content": "waits", "client_id": "w"})
+    wait_for(lambda: _write_blocked(conn), 10, what="the first write waits")
+    # these arrive while that write is in flight: they share the next one
+    b1.send({"type": "message", "content": "same", "client_id": "twice"})
+    b2.send({"type": "message", "content": "same", "client_id": "twice"})
+    wc.send({"type": "message", "content": "good one", "client_id": "good"})
+    wc2.send({"type": "message", "content": "same", "client_id": "twice"})
+    wa.send('{"type":"message","content":"bad \\udc00","client_id":"bad"}')
+    time.sleep(0.5)      # nothing to wait for: let the server read them
+    conversation_lock.release()
+
+    assert wa_blocked.recv_type("ack")["client_id"] == "w"
+    ack1 = b1.recv_until(lambda f: f["type"] in ("ack", "error"))
+    ack2 = b2.recv_until(lambda f: f["type"] in ("ack", "error"))
+    good = wc.recv_until(lambda f: f["type"] in ("ack", "error"))
+    other = wc2.recv_until(lambda f: f["type"] in ("ack", "error"))
+    bad = wa.recv_until(lambda f: f["type"] in ("ack", "error"))
+    assert good["type"] == "ack", good
+    assert ack1["type"] == "ack" and ack2 == ack1, (ack1, ack2)
+    # the same client_id from another sender is its own message
+    assert other["type"] == "ack" and other["message_id"] not in (
+        ack1["message_id"], good["message_id"]), other
+    assert bad["type"] == "error" and bad["code"] != "internal", bad
+    rows = sql_rows(conn, "SELECT sender_id, client_id, id FROM messages "
+                    "WHERE conversation_id = %s", conv)
+    assert sorted(rows) == sorted([(b, "twice", ack1["message_id"]),
+                                   (c, "good", good["message_id"]),
+                                   (c, "twice", other["message_id"])])
 
 
 # ---------------------------------------------------------------------------
@@ -1109,6 +1243,47 @@ def test_rejected_auth_keeps_old_expiry(server, sockets, pair):
     assert ws.expect_close(timeout=15) == (4001, "token_expired")
 
 
+def test_server_pings_and_idle_timeout(make_server, conn, sockets):
+    """The server pings every PARLEY_PING_INTERVAL; a client that answers
+    (websocket-client pongs whenever it reads) stays; one that says nothing
+    for PARLEY_IDLE_TIMEOUT is closed with 1001 idle_timeout (the server's
+    choice, docs/PROTOCOL.md)."""
+    srv = make_server(PARLEY_IDLE_TIMEOUT="5", PARLEY_PING_INTERVAL="1")
+    a, b = new_id(), new_id()
+    conv = create_conversation(conn, [a, b])
+    reader = join(sockets, srv, conv, a)
+    silent = join(sockets, srv, conv, b)
+    reader.ws.settimeout(5)
+    deadline = time.time() + 5
+    while True:                       # text frames (presence) may come first
+        op, _ = reader.ws.recv_data(control_frame=True)
+        if op == websocket.ABNF.OPCODE_PING:
+            break
+        assert time.time() < deadline, "no ping in 5 s"
+    # for 8 s the reader reads (and so pongs) while silent does nothing
+    reader.no_frame(lambda f: f["type"] != "presence", 8)
+    assert silent.expect_close() == (1001, "idle_timeout")
+    reader.send({"type": "ping"})
+    assert reader.recv_type("pong")["type"] == "pong"
+
+
+def test_large_message_delivered_whole(server, conn, sockets, pair):
+    """A frame over NOTIFY's 8,000 bytes travels by reference (DATA.md)."""
+    conv, (a, b), (na, nb) = pair
+    wa = join(sockets, server, conv, a, na)
+    wb = join(sockets, server, conv, b, nb)
+    big = "\U0001F600" * 3000 + " end"
+    ack = send_ok(wa, big, "big-1", metadata={"pad": "p" * 1900})
+    small = send_ok(wa, "small after", "big-2")
+    msg = message_of(wb)
+    assert msg["id"] == ack["message_id"] and msg["content"] == big
+    assert msg["metadata"] == {"pad": "p" * 1900}
+    assert message_of(wb)["id"] == small["message_id"]
+    wb.send({"type": "sync", "after": ack["message_id"] - 1, "limit": 1})
+    replay = wb.recv_type("message")
+    assert replay["replay"] is True and replay["message"]["content"] == big
+
+
 # ---------------------------------------------------------------------------
 # limits
 # ---------------------------------------------------------------------------
@@ -1197,48 +1372,99 @@ def test_too_many_sockets_4009(make_server, conn, sockets):
 # delivery across workers, instances and writers
 # ---------------------------------------------------------------------------
 
-def _socket_nodes(conn, user):
+def _socket_nodes(conn, *user_ids):
+    """The worker pids (as strings) holding these users' sockets."""
     return {r[0].split("-")[0] for r in sql_rows(
-        conn, "SELECT node FROM parley_sockets WHERE user_id = %s", user)}
+        conn, "SELECT node FROM parley_sockets WHERE user_id = ANY(%s)",
+        list(user_ids))}
 
 
-def test_two_workers_deliver_everything(server, conn, sockets):
-    a, b, c = new_id(), new_id(), new_id()
-    conv = create_conversation(conn, [a, b, c])
-    socks = {a: [], b: [], c: []}
-    workers = {str(p) for p in server.worker_pids()}
-    assert len(workers) == 2
-    # open sockets until both workers hold some (they share accepts)
-    for i in range(24):
-        u = (a, b, c)[i % 3]
-        socks[u].append(join(sockets, server, conv, u))
-        if i >= 5 and len(_socket_nodes(conn, a) | _socket_nodes(conn, b) |
-                          _socket_nodes(conn, c)) == 2:
-            break
-    nodes = _socket_nodes(conn, a) | _socket_nodes(conn, b) | \
-        _socket_nodes(conn, c)
-    assert nodes == workers, (nodes, workers)
-
+def _exchange_everything(conn, socks, conv):
+    """Every user sends from two sockets (and SQL writes one): every socket
+    gets every message once, in id order; typing and read receipts reach
+    every other socket."""
+    users_ = list(socks)
     everyone = [w for ws in socks.values() for w in ws]
     sent = []
-    for u in (a, b, c):
+    for u in users_:
         for i, w in enumerate(socks[u][:2]):
             sent.append(send_ok(w, "from %s %d" % (u, i),
                                 "%s-%d" % (u, i))["message_id"])
-    sent.append(sql_insert(conn, conv, a, "by sql"))
+    sent.append(sql_insert(conn, conv, users_[0], "by sql"))
     for w in everyone:
-        got = []
-        while len(got) < len(sent):
-            got.append(message_of(w)["id"])
-        assert got == sorted(sent)
+        assert message_ids(w, len(sent)) == sorted(sent)
 
-    # typing and read receipts cross workers too
-    socks[a][0].send({"type": "typing", "is_typing": True})
-    for w in socks[b] + socks[c]:
-        assert w.recv_type("typing")["user_id"] == a
-    socks[c][0].send({"type": "read"})
+    typist, reader = users_[0], users_[-1]
+    socks[typist][0].send({"type": "typing", "is_typing": True})
+    for u in users_[1:]:
+        for w in socks[u]:
+            assert w.recv_type("typing")["user_id"] == typist
+    socks[reader][0].send({"type": "read"})
     for w in everyone:
         assert w.recv_type("read_receipt")["message_id"] == max(sent)
+
+
+def test_several_sockets_everything_arrives(server, conn, sockets):
+    """Several sockets of three users on the shared two-worker server:
+    wherever Kore put them, everything arrives everywhere."""
+    a, b, c = new_id(), new_id(), new_id()
+    conv = create_conversation(conn, [a, b, c])
+    socks = {u: [join(sockets, server, conv, u) for _ in range(4)]
+             for u in (a, b, c)}
+    _exchange_everything(conn, socks, conv)
+
+
+def test_users_on_two_different_workers(binary, pg, conn, sockets, tmp_path):
+    """Kore 4.1 lets the worker holding the accept lock keep it until it is
+    busy (worker_max_connections or http_request_limit), so on an idle
+    server every socket lands on the same worker. The server is started
+    with a descriptor limit of 1024 (worker_max_connections is then a few
+    hundred, see parley_set_limits), and filler sockets fill the first
+    worker until the second one accepts: a is then on one worker and b on
+    the other."""
+    wrapper = tmp_path / "parley-nofile"
+    wrapper.write_text("#!/bin/sh\nulimit -n 1024 || exit 1\n"
+                       "exec %s \"$@\"\n" % binary)
+    wrapper.chmod(0o755)
+    env = {"PARLEY_LISTEN": "127.0.0.1:%d" % free_port(),
+           "PARLEY_WORKERS": "2", "PARLEY_DATABASE_URL": pg.url,
+           "PARLEY_JWT_SECRET": SECRET}
+    srv = Server(str(wrapper), env)
+    socks = {}
+    fill = []
+    try:
+        srv.start()
+        workers = {str(p) for p in srv.worker_pids()}
+        assert len(workers) == 2, workers
+        a, b = new_id(), new_id()
+        conv = create_conversation(conn, [a, b])
+        socks = {a: [join(sockets, srv, conv, a, "Ann") for _ in range(2)]}
+        first = _socket_nodes(conn, a)
+        assert len(first) == 1
+        fillers = [new_id() for _ in range(32)]
+        for i in range(32 * 30):
+            w = WS(srv, "/ws/notifications/", make_token(fillers[i % 32]))
+            fill.append(w)
+            assert w.recv()["type"] == "ready"
+            if i % 50 == 49 and _socket_nodes(conn, *fillers) == workers:
+                break
+        assert _socket_nodes(conn, *fillers) == workers, len(fill)
+        socks[b] = [join(sockets, srv, conv, b, "Bob") for _ in range(2)]
+        assert _socket_nodes(conn, a) != _socket_nodes(conn, b), \
+            "a and b on the same worker"
+        # b's arrival was announced to a across workers
+        assert socks[a][0].recv_type("presence")["user_id"] == b
+        _exchange_everything(conn, socks, conv)
+        socks[b][0].close()
+        socks[b][1].close()
+        p = socks[a][0].recv_until(lambda f: f["type"] == "presence" and
+                                   f["status"] == "offline")
+        assert p["user_id"] == b
+        assert not srv.problems(), srv.problems()
+    finally:
+        for w in fill:
+            w.close()
+        srv.destroy()
 
 
 def test_second_instance_shares_the_database(server, make_server, conn,

@@ -1,0 +1,370 @@
+"""Faults: PostgreSQL restarted, backends killed, the database stopped, with
+sockets open and sends in flight (PROTOCOL.md section 2 "Delivery
+guarantees", section 6; DESIGN.md: the bus catches up after it reconnects).
+
+Each test runs its own throwaway cluster and its own two-worker server on it,
+so stopping the database never disturbs the session fixtures. Afterwards the
+server log must show no crashed worker (Server.problems()) and the worker
+pids must be the ones it started with.
+"""
+
+import threading
+import time
+
+import pytest
+import requests
+
+from helpers import (PgCluster, SECRET, WS, Server,
+                     create_conversation, free_port, make_token, new_id,
+                     sql_one, sql_rows, wait_for)
+
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
+
+class Isolated:
+    """A cluster of its own and a server on it."""
+
+    def __init__(self, binary, **env):
+        self.pg = PgCluster()
+        base = {"PARLEY_LISTEN": "127.0.0.1:%d" % free_port(),
+                "PARLEY_WORKERS": "2", "PARLEY_DATABASE_URL": self.pg.url,
+                "PARLEY_JWT_SECRET": SECRET}
+        base.update(env)
+        self.srv = Server(binary, base)
+        self.sockets = []
+        self.conns = []
+
+    def start(self):
+        self.srv.start()
+        self.pids = self.srv.worker_pids()
+        assert len(self.pids) == 2, self.pids
+        return self
+
+    def connect(self):
+        c = self.pg.connect()
+        self.conns.append(c)
+        return c
+
+    def ws(self, path, token, **kw):
+        w = WS(self.srv, path, token, **kw)
+        self.sockets.append(w)
+        return w
+
+    def chat(self, conv, user, name=None, after=None):
+        path = "/ws/chat/%d/" % conv
+        if after is not None:
+            path += "?after=%d" % after
+        w = self.ws(path, make_token(user, name))
+        ready = w.recv()
+        assert ready["type"] == "ready", ready
+        return w
+
+    def readyz(self):
+        try:
+            return requests.get(self.srv.base + "/readyz",
+                                timeout=5).status_code
+        except requests.RequestException:
+            return None
+
+    def wait_ready(self, timeout=30):
+        wait_for(lambda: self.readyz() == 200, timeout, 0.1,
+                 "/readyz 200")
+
+    def assert_workers_alive(self):
+        assert self.srv.proc.poll() is None, self.srv.output()[-3000:]
+        assert self.srv.worker_pids() == self.pids, \
+            "a worker was replaced:\n" + self.srv.output()[-3000:]
+        assert not self.srv.problems(), self.srv.problems()
+
+    def destroy(self):
+        for w in self.sockets:
+            w.close()
+        for c in self.conns:
+            try:
+                c.close()
+            except Exception:
+                pass
+        self.srv.destroy()
+        self.pg.destroy()
+
+
+@pytest.fixture
+def isolated(binary):
+    made = []
+
+    def make(**env):
+        iso = Isolated(binary, **env)
+        made.append(iso)
+        return iso.start()
+
+    yield make
+    for iso in made:
+        iso.destroy()
+
+
+def send_until_acked(ws, content, client_id, deadline):
+    """Send; on `internal` re-send the same client_id until acked.
+    Returns (ack, number of internal errors seen)."""
+    errors = 0
+    while True:
+        ws.send({"type": "message", "content": content,
+                 "client_id": client_id})
+        f = ws.recv_until(lambda f: f["type"] in ("ack", "error") and
+                          f.get("client_id", f.get("ref")) == client_id,
+                          timeout=max(deadline - time.time(), 1))
+        if f["type"] == "ack":
+            return f, errors
+        assert f["code"] == "internal", f
+        errors += 1
+        assert time.time() < deadline, "never acked: %r" % f
+        time.sleep(0.1)
+
+
+def message_ids(ws, n, timeout=20):
+    """Ids of the message events a socket has had (frames read through
+    recv_until are kept), once there are at least n."""
+    def ids():
+        return [f["message"]["id"] for f in ws.frames
+                if f["type"] == "message"]
+    deadline = time.time() + timeout
+    while len(ids()) < n:
+        ws.recv_until(lambda f: f["type"] == "message",
+                      max(deadline - time.time(), 0.01))
+    return ids()
+
+
+def exactly_once_in_order(ws, expected, conn, conv, sender, iso=None):
+    """The socket had every expected id once, in id order, and nothing
+    else: a sentinel written after them is the next message. On a miss
+    the server's bus log lines are shown."""
+    try:
+        got = message_ids(ws, len(expected))
+    except TimeoutError:
+        got = [f["message"]["id"] for f in ws.frames
+               if f["type"] == "message"]
+        raise AssertionError("missing %s of %d (got %d)%s" % (
+            sorted(set(expected) - set(got)), len(expected), len(got),
+            "" if iso is None else "\nserver log (bus lines):\n" +
+            "\n".join(l for l in iso.srv.output().splitlines()
+                      if "bus:" in l)))
+    assert got == sorted(expected), (got, sorted(expected))
+    sentinel = sql_one(conn, "INSERT INTO messages (conversation_id, "
+                       "sender_id, content) VALUES (%s, %s, 'sentinel') "
+                       "RETURNING id", conv, sender)
+    got = message_ids(ws, len(expected) + 1)
+    assert got == sorted(expected) + [sentinel], got
+
+
+def kill_parley_backends(conn):
+    return sql_one(conn, "SELECT count(*) FROM (SELECT "
+                   "pg_terminate_backend(pid) FROM pg_stat_activity "
+                   "WHERE application_name = 'parley') t")
+
+
+def stored(conn, conv):
+    return sql_rows(conn, "SELECT client_id, id FROM messages WHERE "
+                    "conversation_id = %s ORDER BY id", conv)
+
+
+# ---------------------------------------------------------------------------
+# tests
+# ---------------------------------------------------------------------------
+
+def test_postgres_restart_mid_stream(isolated):
+    iso = isolated()
+    conn = iso.connect()
+    a, b = new_id(), new_id()
+    conv = create_conversation(conn, [a, b])
+    wa = iso.chat(conv, a, "Ann")
+    wb = iso.chat(conv, b, "Bob")
+    notif = iso.ws("/ws/notifications/", make_token(b, "Bob"))
+    assert notif.recv()["type"] == "ready"
+
+    deadline = time.time() + 60
+    acked = []
+    for i in range(5):
+        acked.append(send_until_acked(wa, "before %d" % i, "pre-%d" % i,
+                                      deadline)[0]["message_id"])
+    assert message_ids(wb, 5) == acked
+
+    conn.close()
+    iso.pg.restart()
+    conn = iso.connect()
+
+    # written while the workers may not have their LISTEN back yet: the
+    # catch-up after the bus reconnects delivers them
+    for i in range(3):
+        acked.append(sql_one(conn, "INSERT INTO messages (conversation_id, "
+                             "sender_id, content) VALUES (%s, %s, %s) "
+                             "RETURNING id", conv, a, "by sql %d" % i))
+    # the sockets stayed open through the restart
+    for w in (wa, wb, notif):
+        w.send({"type": "ping"})
+        w.recv_type("pong")
+
+    iso.wait_ready()
+    for i in range(5):
+        acked.append(send_until_acked(wa, "after %d" % i, "post-%d" % i,
+                                      deadline)[0]["message_id"])
+    exactly_once_in_order(wb, acked, conn, conv, a, iso)
+    # the sender's own socket had them all as well
+    got = message_ids(wa, len(acked))
+    assert sorted(set(got)) == got and set(acked) <= set(got)
+
+    # notifications keep flowing after the restart
+    notif.recv_until(lambda f: f["type"] == "new_message" and
+                     f["message"]["content"] == "after 4", timeout=15)
+
+    # a client reconnecting with `after` gets everything, once
+    late = iso.chat(conv, b, "Bob", after=0)
+    replay = []
+    while True:
+        f = late.recv()
+        if f["type"] == "synced":
+            break
+        if f["type"] == "message":
+            replay.append(f["message"]["id"])
+    assert set(acked) <= set(replay) and replay == sorted(set(replay))
+    assert [r[0] for r in stored(conn, conv)].count("post-0") == 1
+    assert len(stored(conn, conv)) == len(replay)
+    iso.assert_workers_alive()
+
+
+def test_backend_killed_during_send_stream(isolated):
+    # rate limits are not the subject here
+    iso = isolated(PARLEY_RATE_MESSAGES="100000")
+    conn = iso.connect()
+    senders = [new_id() for _ in range(3)]
+    reader = new_id()
+    conv = create_conversation(conn, senders + [reader])
+    wr = iso.chat(conv, reader, "Reader")
+    per_sender = 150
+    acks = {}
+    internal = [0]
+    failures = []
+
+    def sender(uid):
+        try:
+            w = iso.chat(conv, uid)
+            deadline = time.time() + 90
+            for i in range(per_sender):
+                cid = "%s-%d" % (uid, i)
+                ack, errors = send_until_acked(w, "msg " + cid, cid, deadline)
+                acks[cid] = ack["message_id"]
+                internal[0] += errors
+                w.frames.clear()
+        except Exception as e:  # reported below
+            failures.append((uid, repr(e)))
+
+    threads = [threading.Thread(target=sender, args=(u,)) for u in senders]
+    for t in threads:
+        t.start()
+
+    killer_conn = iso.pg.connect()
+    kills = 0
+    try:
+        # kill every parley backend (pool and LISTEN) while sends stream
+        while any(t.is_alive() for t in threads) and kills < 8:
+            time.sleep(0.2)
+            kills += kill_parley_backends(killer_conn) > 0
+    finally:
+        for t in threads:
+            t.join()
+        killer_conn.close()
+    assert not failures, failures
+    assert kills >= 3, "the stream ended before the backends were killed"
+
+    rows = stored(conn, conv)
+    total = len(senders) * per_sender
+    # nothing stored twice; every ack names the stored row of its client_id
+    assert len(rows) == total
+    assert dict(rows) == acks
+    # the reader got each message once, in order, through bus reconnects
+    exactly_once_in_order(wr, list(acks.values()), conn, conv, senders[0],
+                          iso)
+    iso.assert_workers_alive()
+    print("internal errors answered and re-sent: %d; kill rounds: %d" %
+          (internal[0], kills))
+
+
+def test_sql_writes_while_bus_reconnects_are_delivered(isolated):
+    """Kill every parley backend (the pool and the LISTEN connection) and
+    write a message with SQL right away, twenty times: each is committed while
+    the workers' LISTEN is down or coming back, so only the catch-up after
+    the bus reconnects can deliver it. Every one must reach the reader,
+    once and in order."""
+    iso = isolated()
+    conn = iso.connect()
+    a, b = new_id(), new_id()
+    conv = create_conversation(conn, [a, b])
+    wb = iso.chat(conv, b, "Bob")
+    wa = iso.chat(conv, a, "Ann")
+    written = []
+    for i in range(20):
+        kill_parley_backends(conn)
+        written.append(sql_one(conn, "INSERT INTO messages (conversation_id, "
+                               "sender_id, content) VALUES (%s, %s, %s) "
+                               "RETURNING id", conv, a, "round %d" % i))
+        # the workers are back before the next round
+        iso.wait_ready()
+        wait_for(lambda: sql_one(conn, "SELECT count(*) FROM "
+                                 "pg_stat_activity WHERE application_name "
+                                 "= 'parley' AND query ILIKE '%%LISTEN%%'")
+                 >= 2, 15, 0.05, "both workers listening again")
+    for w in (wb, wa):
+        exactly_once_in_order(w, written, conn, conv, a, iso)
+        written.append(max(message_ids(w, len(written) + 1)))
+    iso.assert_workers_alive()
+
+
+def test_database_stopped_then_started(isolated):
+    iso = isolated()
+    conn = iso.connect()
+    a, b = new_id(), new_id()
+    conv = create_conversation(conn, [a, b])
+    wa = iso.chat(conv, a, "Ann")
+    wb = iso.chat(conv, b, "Bob")
+    first = send_until_acked(wa, "before", "s-0", time.time() + 30)[0]
+    assert message_ids(wb, 1) == [first["message_id"]]
+    conn.close()
+
+    iso.pg.stop()
+    try:
+        wait_for(lambda: iso.readyz() == 503, 20, 0.1, "/readyz 503")
+        r = requests.get(iso.srv.base + "/healthz", timeout=5)
+        assert r.status_code == 200
+
+        # a send gets error internal, with its ref, and no ack
+        wa.send({"type": "message", "content": "while down",
+                 "client_id": "s-1"})
+        err = wa.recv_until(lambda f: f["type"] in ("ack", "error"),
+                            timeout=20)
+        assert err["type"] == "error", err
+        assert (err["code"], err["ref"]) == ("internal", "s-1")
+        wa.no_frame(lambda f: f["type"] == "ack", 1.0)
+        # the open sockets stay open and answer what needs no database
+        for w in (wa, wb):
+            w.send({"type": "ping"})
+            w.recv_type("pong")
+        # a new socket cannot open: 1013 try_again_later (docs/PROTOCOL.md)
+        w = iso.ws("/ws/chat/%d/" % conv, make_token(a))
+        assert w.expect_close(timeout=20) == (1013, "try_again_later")
+    finally:
+        iso.pg.start()
+
+    iso.wait_ready()
+    conn = iso.connect()
+    assert stored(conn, conv) == [("s-0", first["message_id"])]
+    # the refused send re-sent with its client_id goes through, once
+    ack = send_until_acked(wa, "while down", "s-1", time.time() + 30)[0]
+    again = send_until_acked(wa, "while down", "s-1", time.time() + 30)[0]
+    assert again == ack
+    exactly_once_in_order(wb, [first["message_id"], ack["message_id"]],
+                          conn, conv, a, iso)
+    # typing, reads and new sockets work again
+    wb.send({"type": "typing", "is_typing": True})
+    assert wa.recv_type("typing", timeout=15)["user_id"] == b
+    iso.chat(conv, b, "Bob")
+    iso.assert_workers_alive()
