@@ -23,14 +23,30 @@
 int	api_me(struct http_request *);
 int	api_unread(struct http_request *);
 
-/* Refresh the display name from the token, then read the totals. */
+static int	api_user_get(struct http_request *, const char *, int);
+
+/* $1 is the user, $2 (when taken) the token's display name. */
 static const char	me_sql[] =
     "SELECT parley_me($1) FROM parley_touch_user($1, $2)";
-
 static const char	unread_sql[] = "SELECT parley_unread($1)";
 
+/* Refresh the display name from the token, then read the totals. */
 int
 api_me(struct http_request *req)
+{
+	return (api_user_get(req, me_sql, 2));
+}
+
+/* The conversations with unread messages; the total leaves muted ones out. */
+int
+api_unread(struct http_request *req)
+{
+	return (api_user_get(req, unread_sql, 1));
+}
+
+/* A GET for the caller's own user: one query on (user id, name). */
+static int
+api_user_get(struct http_request *req, const char *sql, int nparams)
 {
 	struct identity		id;
 	const char		*params[2];
@@ -45,24 +61,5 @@ api_me(struct http_request *req)
 	params[0] = id.user_id;
 	params[1] = id.name;
 
-	return (rest_query(req, HTTP_STATUS_OK, me_sql, 2, params, NULL));
-}
-
-/* The conversations with unread messages; the total leaves muted ones out. */
-int
-api_unread(struct http_request *req)
-{
-	struct identity		id;
-	const char		*params[1];
-
-	if (http_state_exists(req))
-		return (rest_resume(req));
-
-	if (!rest_method(req, HTTP_METHOD_GET) ||
-	    !rest_identity(req, REST_USER, &id))
-		return (KORE_RESULT_OK);
-
-	params[0] = id.user_id;
-
-	return (rest_query(req, HTTP_STATUS_OK, unread_sql, 1, params, NULL));
+	return (rest_query(req, HTTP_STATUS_OK, sql, nparams, params, NULL));
 }

@@ -56,23 +56,8 @@ ws_chat(struct http_request *req)
 void
 chat_open(struct session *s)
 {
-	const char	*params[6];
-	char		sock[24], conv[24], max[16];
-
-	(void)snprintf(sock, sizeof(sock), "%llu", (unsigned long long)s->id);
-	(void)snprintf(conv, sizeof(conv), "%lld",
-	    (long long)s->conversation_id);
-	(void)snprintf(max, sizeof(max), "%d", parley_cfg.max_sockets_per_user);
-
-	params[0] = ws_node;
-	params[1] = sock;
-	params[2] = conv;
-	params[3] = s->ident.user_id;
-	params[4] = s->ident.name;
-	params[5] = max;
-
-	s->query = db_query("SELECT parley_chat_open($1, $2, $3, $4, $5, $6)",
-	    6, params, chat_opened, s);
+	ws_open_query(s, "SELECT parley_chat_open($1, $2, $3, $4, $5, $6)",
+	    chat_opened);
 }
 
 /* Ready is out: replay from `after`, or go live from the latest id. */

@@ -44,20 +44,8 @@ ws_notifications(struct http_request *req)
 void
 notify_open(struct session *s)
 {
-	const char	*params[5];
-	char		sock[24], max[16];
-
-	(void)snprintf(sock, sizeof(sock), "%llu", (unsigned long long)s->id);
-	(void)snprintf(max, sizeof(max), "%d", parley_cfg.max_sockets_per_user);
-
-	params[0] = ws_node;
-	params[1] = sock;
-	params[2] = s->ident.user_id;
-	params[3] = s->ident.name;
-	params[4] = max;
-
-	s->query = db_query("SELECT parley_notify_open($1, $2, $3, $4, $5)",
-	    5, params, notify_opened, s);
+	ws_open_query(s, "SELECT parley_notify_open($1, $2, $3, $4, $5)",
+	    notify_opened);
 }
 
 static void

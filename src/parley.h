@@ -216,6 +216,7 @@ void	ws_frame_build(struct kore_buf *, u_int8_t, const void *, size_t);
 void	ws_close(struct session *, int, const char *);
 void	ws_error(struct session *, const char *, const char *, const char *);
 void	ws_event_done(struct session *);
+void	ws_open_query(struct session *, const char *, db_cb);
 void	ws_opened(struct session *, struct db_result *);
 void	ws_sync(struct session *, int64_t, int64_t);
 int	ws_int_field(yajl_val, const char *, int64_t, int64_t, int64_t *);

@@ -183,6 +183,35 @@ ws_on_connect(struct connection *c)
 }
 
 /*
+ * Register the socket and read its ready frame: sql takes the node, the
+ * socket id, the conversation (chat only), the user, the display name and
+ * the per-user socket cap, in that order.
+ */
+void
+ws_open_query(struct session *s, const char *sql, db_cb cb)
+{
+	const char	*params[6];
+	char		sock[24], conv[24], max[16];
+	int		n;
+
+	(void)snprintf(sock, sizeof(sock), "%llu", (unsigned long long)s->id);
+	(void)snprintf(conv, sizeof(conv), "%lld",
+	    (long long)s->conversation_id);
+	(void)snprintf(max, sizeof(max), "%d", parley_cfg.max_sockets_per_user);
+
+	n = 0;
+	params[n++] = ws_node;
+	params[n++] = sock;
+	if (s->kind == SESSION_CHAT)
+		params[n++] = conv;
+	params[n++] = s->ident.user_id;
+	params[n++] = s->ident.name;
+	params[n++] = max;
+
+	s->query = db_query(sql, n, params, cb, s);
+}
+
+/*
  * The open query answered: send the ready frame, or close with the code
  * its error maps to. Returns with s->state OPEN on success.
  */
