@@ -21,6 +21,7 @@
 
 #include <stdio.h>
 #include <stdlib.h>
+#include <unistd.h>
 
 #include <kore/hooks.h>
 #include <kore/seccomp.h>
@@ -38,7 +39,10 @@ static struct sock_filter filter_parley[] = {
 	KORE_SYSCALL_ALLOW(sendmmsg),
 	KORE_SYSCALL_ALLOW(recvmsg),
 	KORE_SYSCALL_ALLOW(bind),
+	KORE_SYSCALL_ALLOW(getppid),
 };
+
+pid_t	parley_parent_pid;
 
 void
 kore_seccomp_hook(void)
@@ -62,6 +66,7 @@ kore_parent_configure(int argc, char **argv)
 
 	config_load();
 	metrics_init();
+	parley_parent_pid = getpid();
 
 	worker_count = parley_cfg.workers;
 	parley_set_limits();

@@ -60,6 +60,7 @@ struct parley_config {
 };
 
 extern struct parley_config	parley_cfg;
+extern pid_t			parley_parent_pid;
 
 void	config_load(void);
 

@@ -25,6 +25,7 @@
 #include <sys/types.h>
 #include <sys/time.h>
 
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -886,6 +887,15 @@ ws_sweep(void *unused, u_int64_t now)
 	static const u_int8_t	ping[] = { 0x80 | WEBSOCKET_OP_PING, 0 };
 	struct session		*s, *next;
 	int64_t			secs;
+
+	/*
+	 * A parent killed outright (SIGKILL) leaves workers that would hold
+	 * the listening socket forever: drain and go as on SIGTERM.
+	 */
+	if (getppid() != parley_parent_pid && !ws_is_draining) {
+		kore_log(LOG_NOTICE, "parent process gone, shutting down");
+		(void)kill(getpid(), SIGTERM);
+	}
 
 	secs = util_now();
 

@@ -375,3 +375,24 @@ def test_tokens_never_logged(server):
     out = server.output()
     assert t not in out
     assert t.split(".")[2] not in out
+
+
+def test_workers_exit_when_the_parent_is_killed(binary, pg):
+    import signal
+    srv = Server(binary, base_env(pg))
+    try:
+        srv.start()
+        workers = srv.worker_pids()
+        assert len(workers) == 2
+        srv.proc.send_signal(signal.SIGKILL)
+        srv.proc.wait()
+        deadline = time.time() + 15
+        alive = workers
+        while alive and time.time() < deadline:
+            alive = [p for p in workers if os.path.exists("/proc/%d" % p)
+                     and "zombie" not in open("/proc/%d/status" % p).read()]
+            time.sleep(0.2)
+        assert not alive, "orphaned workers %s still hold the port" % alive
+        assert "parent process gone" in srv.output()
+    finally:
+        srv.destroy()
