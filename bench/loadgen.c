@@ -100,14 +100,14 @@ struct conn {
 	uint8_t			 queue;
 	uint8_t			 want_out;
 	uint8_t			 syncing;	/* waiting for synced */
-	uint8_t			 dropped;	/* dropped by the storm */
+	uint8_t			 dropped;	/* by the storm */
 	uint8_t			 fragop;
 	uint8_t			 ever_open;
 	uint32_t		 idx;		/* global index */
 	uint32_t		 conv;		/* conversation index */
 	uint32_t		 slot;		/* socket slot in it */
 	uint32_t		 attempts;
-	int64_t			 last_id;	/* highest message id seen */
+	int64_t			 last_id;	/* highest id seen */
 	uint64_t		 t_start;	/* connect started */
 	uint64_t		 t_due;		/* launch not before */
 	char			 key[32];	/* Sec-WebSocket-Key */
@@ -178,6 +178,9 @@ struct opts {
 	int		 reconnect;
 	int		 progress;
 	int		 show_lost;
+	int		 conv_offset;
+	int		 no_kernel_ts;
+	int		 coalesce_us;
 	long		 token_ttl;
 	int		 storm;
 	double		 storm_at;
@@ -190,6 +193,7 @@ struct stats {
 	uint64_t	 reconnected;
 	uint64_t	 err_connect;
 	uint64_t	 err_addr;
+	uint64_t	 err_fdlimit;
 	uint64_t	 err_timeout;
 	uint64_t	 err_http;
 	uint64_t	 err_accept;
@@ -233,7 +237,7 @@ struct stats {
 };
 
 struct storm {
-	int		 state;		/* 0 none, 1 armed, 2 down, 3 up */
+	int		 state;		/* 0 off 1 armed 2 down 3 up */
 	int		 dropped;
 	int		 caught;
 	int		 reopened;
@@ -257,6 +261,7 @@ static int		 epfd = -1;
 static uint32_t		 runid;
 static uint64_t		 rng_state;
 static uint64_t		 t_recv;	/* time of the current read */
+static int64_t		 rt_offset;	/* realtime - monotonic */
 static volatile sig_atomic_t interrupted;
 
 static struct sockaddr_storage	 dst;
@@ -331,6 +336,17 @@ now_us(void)
 
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	return ((uint64_t)ts.tv_sec * 1000000 + (uint64_t)ts.tv_nsec / 1000);
+}
+
+static void
+clock_sync(void)
+{
+	struct timespec	r, m;
+
+	clock_gettime(CLOCK_REALTIME, &r);
+	clock_gettime(CLOCK_MONOTONIC, &m);
+	rt_offset = ((int64_t)r.tv_sec - (int64_t)m.tv_sec) * 1000000 +
+	    (r.tv_nsec - m.tv_nsec) / 1000;
 }
 
 static uint64_t
@@ -430,7 +446,8 @@ hist_index(uint64_t v)
 	e = 63 - __builtin_clzll(v);
 	if (e > H_EXP_MAX)
 		return (H_BUCKETS - 1);
-	return (H_LINEAR + (e - 7) * H_SUB + (int)((v >> (e - 6)) & (H_SUB - 1)));
+	return (H_LINEAR + (e - 7) * H_SUB +
+	    (int)((v >> (e - 6)) & (H_SUB - 1)));
 }
 
 static uint64_t
@@ -494,13 +511,20 @@ hist_json(FILE *f, const char *name, const struct hist *h)
 }
 
 static void
-code_count(struct codecount *t, int *n, int code, const char *name,
-    size_t namelen)
+code_count(struct codecount *t, int *n, int code, const char *raw,
+    size_t rawlen)
 {
+	char	name[sizeof(t[0].name)];
+	size_t	namelen = 0, j;
 	int	i;
 
-	if (namelen >= sizeof(t[0].name))
-		namelen = sizeof(t[0].name) - 1;
+	/* Server text: keep what can go between JSON quotes as it is. */
+	for (j = 0; j < rawlen && namelen + 1 < sizeof(name); j++) {
+		if (raw[j] == '"' || raw[j] == '\\' ||
+		    (unsigned char)raw[j] < 0x20)
+			continue;
+		name[namelen++] = raw[j];
+	}
 	for (i = 0; i < *n; i++) {
 		if (t[i].code == code && strlen(t[i].name) == namelen &&
 		    memcmp(t[i].name, name, namelen) == 0) {
@@ -547,7 +571,7 @@ b64url(char *out, const unsigned char *in, size_t n)
 static void
 user_name(char *out, size_t sz, int conv, int user)
 {
-	snprintf(out, sz, "%s%d_%d", o.prefix, conv, user);
+	snprintf(out, sz, "%s%d_%d", o.prefix, o.conv_offset + conv, user);
 }
 
 /* Mint an HS256 JWT with claims user_id, name and exp. */
@@ -589,13 +613,16 @@ json_ws(const char *p, const char *e)
 static const char *
 json_skip_string(const char *p, const char *e)
 {
-	for (p++; p < e; p++) {
-		if (*p == '\\') {
-			p++;
-			continue;
-		}
-		if (*p == '"')
-			return (p + 1);
+	const char	*s = p + 1, *q, *b;
+
+	for (p = s; p < e; p = q + 1) {
+		if ((q = memchr(p, '"', (size_t)(e - p))) == NULL)
+			return (NULL);
+		/* Escaped when an odd number of backslashes precede it. */
+		for (b = q; b > s && b[-1] == '\\'; b--)
+			;
+		if (((q - b) & 1) == 0)
+			return (q + 1);
 	}
 	return (NULL);
 }
@@ -648,11 +675,15 @@ json_get(const char *p, const char *e, const char **keys, int n,
     struct jspan *out)
 {
 	const char	*ks, *q, *v;
-	size_t		 kl;
+	size_t		 kl, lens[16];
 	int		 i, found = 0;
 
-	for (i = 0; i < n; i++)
+	if (n > 16)
+		fatal("json_get: too many keys");
+	for (i = 0; i < n; i++) {
 		out[i].s = out[i].e = NULL;
+		lens[i] = strlen(keys[i]);
+	}
 	p = json_ws(p, e);
 	if (p >= e || *p != '{')
 		return (-1);
@@ -672,7 +703,7 @@ json_get(const char *p, const char *e, const char **keys, int n,
 		if ((p = json_skip(v, e)) == NULL)
 			return (found);
 		for (i = 0; i < n; i++) {
-			if (out[i].s == NULL && strlen(keys[i]) == kl &&
+			if (out[i].s == NULL && lens[i] == kl &&
 			    memcmp(keys[i], ks, kl) == 0) {
 				out[i].s = v;
 				out[i].e = p;
@@ -749,7 +780,9 @@ usage(void)
 "  --sockets-per-user S      sockets each user opens (default 1)\n"
 "  --senders M               senders per conversation (default K)\n"
 "  --user-prefix P           user name prefix (default b)\n"
-"  --conv-file F             conversation ids, one a line (written by --create)\n"
+"  --conv-offset I           number of the first conversation in user names\n"
+"                            (to split one population over processes)\n"
+"  --conv-file F             conversation ids, one a line\n"
 "  --conv-ids 1,2,3          conversation ids on the command line\n"
 "  --create                  create the conversations by REST first\n"
 "  --create-only             create them, write --conv-file, and exit\n"
@@ -765,7 +798,7 @@ usage(void)
 "  --retries N               retries of a failed first connect (default 0)\n"
 "  --no-ready                count a socket open at 101 (no ready frame)\n"
 "  --idle                    no messages: open, heartbeat, hold\n"
-"  --ping-interval S         {\"type\":\"ping\"} per socket (default 30, 0 off)\n"
+"  --ping-interval S         seconds between pings per socket (30; 0: none)\n"
 "  --reconnect               reconnect closed sockets with after=<last id>\n"
 "  --storm N                 drop N sockets at once, reconnect with after=\n"
 "  --storm-at S              seconds into the run (default duration/3)\n"
@@ -775,6 +808,10 @@ usage(void)
 "  --label L                 copied into the result\n"
 "  --progress                a line per second on stderr\n"
 "  --show-lost N             name up to N lost deliveries on stderr\n"
+"  --coalesce-us N           wait N us (default 500) before polling after a\n"
+"                            small batch of events: fewer wake-ups\n"
+"                            (latencies use kernel receive times anyway)\n"
+"  --no-kernel-timestamps    time deliveries at read() instead\n"
 "  --mint USER               print a token for USER and exit\n");
 	exit(2);
 }
@@ -1090,7 +1127,8 @@ static void
 create_conversations(void)
 {
 	struct buf	 req, body;
-	char		 host[256], port[32], name[128], tok[1024], line[512];
+	char		 host[256], port[32], name[128], tok[1024];
+	char		 line[512];
 	const char	*api;
 	FILE		*f = NULL;
 	int64_t		 id;
@@ -1115,28 +1153,30 @@ create_conversations(void)
 		buf_append(&js, "{\"participants\":[", 17);
 		for (k = 1; k < o.users; k++) {
 			user_name(name, sizeof(name), i, k);
-			snprintf(line, sizeof(line), "%s\"%s\"", k > 1 ? "," : "",
-			    name);
+			snprintf(line, sizeof(line), "%s\"%s\"",
+			    k > 1 ? "," : "", name);
 			buf_append(&js, line, strlen(line));
 		}
 		snprintf(line, sizeof(line), "],\"title\":\"loadgen %s%d\"}",
-		    o.prefix, i);
+		    o.prefix, o.conv_offset + i);
 		buf_append(&js, line, strlen(line));
 		user_name(name, sizeof(name), i, 0);
 		mint_token(tok, sizeof(tok), name);
 		req.off = req.len = 0;
-		snprintf(line, sizeof(line), "POST /api/conversations HTTP/1.1\r\n"
-		    "Host: %s:%s\r\n", host, port);
+		snprintf(line, sizeof(line), "POST /api/conversations "
+		    "HTTP/1.1\r\nHost: %s:%s\r\n", host, port);
 		buf_append(&req, line, strlen(line));
 		buf_append(&req, "Authorization: Bearer ", 22);
 		buf_append(&req, tok, strlen(tok));
-		snprintf(line, sizeof(line), "\r\nContent-Type: application/json"
-		    "\r\nContent-Length: %zu\r\n\r\n", buf_avail(&js));
+		snprintf(line, sizeof(line), "\r\nContent-Type: "
+		    "application/json\r\nContent-Length: %zu\r\n\r\n",
+		    buf_avail(&js));
 		buf_append(&req, line, strlen(line));
 		buf_append(&req, js.data, buf_avail(&js));
 		buf_free(&js);
 		for (tries = 0;; tries++) {
-			status = http_request(fd, req.data, req.len, &body, &keep);
+			status = http_request(fd, req.data, req.len, &body,
+			    &keep);
 			if (status != -1 && keep)
 				break;
 			close(fd);
@@ -1148,8 +1188,9 @@ create_conversations(void)
 				    "failed");
 		}
 		if (status != 200 && status != 201)
-			fatal("POST /api/conversations for %s%d: HTTP %d: %.300s",
-			    o.prefix, i, status, body.len ? body.data : "");
+			fatal("POST /api/conversations for %s%d: HTTP %d: "
+			    "%.300s", o.prefix, o.conv_offset + i, status,
+			    body.len ? body.data : "");
 		if ((id = parse_conversation_id(body.data, body.len)) < 0)
 			fatal("no conversation id in %.300s", body.data);
 		convs[i].id = id;
@@ -1270,13 +1311,22 @@ conn_start(struct conn *c)
 	c->fd = socket(dst.ss_family, SOCK_STREAM | SOCK_NONBLOCK |
 	    SOCK_CLOEXEC, 0);
 	if (c->fd == -1) {
-		if (errno == EMFILE || errno == ENFILE)
-			fatal("socket: %s (at %d sockets)", strerror(errno),
-			    st.open);
+		if (errno == EMFILE || errno == ENFILE) {
+			if (st.err_fdlimit++ == 0)
+				note("socket: %s (at %d sockets): raise the "
+				    "hard limit or split the run",
+				    strerror(errno), st.open);
+			q_remove(c);
+			c->state = CS_DEAD;
+			return;
+		}
 		conn_fail(c, &st.err_connect);
 		return;
 	}
 	setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+	if (!o.no_kernel_ts)
+		setsockopt(c->fd, SOL_SOCKET, SO_TIMESTAMPNS, &one,
+		    sizeof(one));
 	if (nsrc > 0) {
 		int	i = (int)(c->idx % (uint32_t)nsrc);
 
@@ -1819,14 +1869,52 @@ conn_input(struct conn *c, const char *p, size_t n)
 	return (used);
 }
 
+/*
+ * The time the data reached the socket: the kernel's receive time stamp
+ * when there is one (so the generator's own scheduling delays stay out of
+ * the latencies), else the time of the read.
+ */
+static uint64_t
+recv_time(struct msghdr *mh)
+{
+	struct cmsghdr	*cm;
+	struct timespec	 ts;
+	uint64_t	 now = now_us(), t;
+
+	for (cm = CMSG_FIRSTHDR(mh); cm != NULL; cm = CMSG_NXTHDR(mh, cm)) {
+		if (cm->cmsg_level != SOL_SOCKET ||
+		    cm->cmsg_type != SCM_TIMESTAMPNS)
+			continue;
+		memcpy(&ts, CMSG_DATA(cm), sizeof(ts));
+		t = (uint64_t)((int64_t)ts.tv_sec * 1000000 +
+		    ts.tv_nsec / 1000 - rt_offset);
+		if (ts.tv_sec != 0 && t <= now && now - t < 60000000)
+			return (t);
+	}
+	return (now);
+}
+
 static void
 conn_read(struct conn *c)
 {
-	ssize_t	n;
-	size_t	used;
+	struct msghdr	 mh;
+	struct iovec	 iov;
+	union {
+		char		buf[CMSG_SPACE(sizeof(struct timespec))];
+		struct cmsghdr	align;
+	}		 cbuf;
+	ssize_t		 n;
+	size_t		 used;
 
 	for (;;) {
-		n = read(c->fd, iobuf, sizeof(iobuf));
+		memset(&mh, 0, sizeof(mh));
+		iov.iov_base = iobuf;
+		iov.iov_len = sizeof(iobuf);
+		mh.msg_iov = &iov;
+		mh.msg_iovlen = 1;
+		mh.msg_control = cbuf.buf;
+		mh.msg_controllen = sizeof(cbuf.buf);
+		n = recvmsg(c->fd, &mh, 0);
 		if (n == -1) {
 			if (errno == EINTR)
 				continue;
@@ -1841,7 +1929,7 @@ conn_read(struct conn *c)
 			    &st.err_eof);
 			return;
 		}
-		t_recv = now_us();
+		t_recv = recv_time(&mh);
 		if (buf_avail(&c->rbuf) > 0) {
 			buf_append(&c->rbuf, iobuf, (size_t)n);
 			used = conn_input(c, c->rbuf.data + c->rbuf.off,
@@ -2006,6 +2094,21 @@ on_signal(int sig)
 
 /* Results. */
 
+/* Text fit to go between JSON quotes: quotes, backslashes, controls dropped. */
+static const char *
+json_safe(const char *in, char *out, size_t sz)
+{
+	size_t	n = 0;
+
+	for (; *in != '\0' && n + 1 < sz; in++) {
+		if (*in == '"' || *in == '\\' || (unsigned char)*in < 0x20)
+			continue;
+		out[n++] = *in;
+	}
+	out[n] = '\0';
+	return (out);
+}
+
 static void
 print_codes(FILE *f, const char *name, const struct codecount *t, int n)
 {
@@ -2029,7 +2132,9 @@ report(uint64_t t_begin, uint64_t t0, uint64_t t_send_end, uint64_t t_end,
     uint64_t cpu0, uint64_t cpu_traffic0, uint64_t cpu_traffic1)
 {
 	uint64_t	 lost = 0, lost_open = 0, lost_msgs = 0, user, sys;
+	uint64_t	 unseen_msgs = 0, unseen_deliv = 0;
 	double		 tw, dw;
+	char		 label[256], url[256];
 	int		 i, k, open_end = 0, shown = 0;
 	uint32_t	 j;
 	FILE		*f = stdout;
@@ -2042,14 +2147,21 @@ report(uint64_t t_begin, uint64_t t0, uint64_t t_send_end, uint64_t t_end,
 
 		for (j = 0; j < cv->nmsg; j++) {
 			struct msg	*m = &cv->msgs[j];
-			uint8_t		*bits = cv->bits + (size_t)j * bpm;
+			uint8_t		*bits;
 			uint64_t	 miss;
 
+			bits = cv->bits + (size_t)j * bpm;
 			miss = (uint64_t)(nslots - 1) - m->ndeliv;
 			if (miss == 0)
 				continue;
 			lost += miss;
 			lost_msgs++;
+			/* No socket, not even the sender's, ever saw it. */
+			if (m->ndeliv == 0 && m->server_id == 0 &&
+			    !(bits[m->sender >> 3] & (1 << (m->sender & 7)))) {
+				unseen_msgs++;
+				unseen_deliv += miss;
+			}
 			for (k = 0; k < nslots; k++) {
 				if ((uint32_t)k == m->sender ||
 				    (bits[k >> 3] & (1 << (k & 7))))
@@ -2081,18 +2193,21 @@ report(uint64_t t_begin, uint64_t t0, uint64_t t_send_end, uint64_t t_end,
 	    "\"source_ips\":%d,\"auth\":\"%s\",\"send_form\":\"%s\","
 	    "\"offered_rate\":%.1f,\"duration_s\":%.3f,\"drain_s\":%.3f,"
 	    "\"connect_phase_s\":%.3f,",
-	    o.label ? o.label : "", o.idle ? "idle" : "traffic", o.url,
+	    json_safe(o.label ? o.label : "", label, sizeof(label)),
+	    o.idle ? "idle" : "traffic", json_safe(o.url, url, sizeof(url)),
 	    o.nconv, o.users, o.sockets_per_user, nconns, nsenders, nsrc,
 	    o.auth == AUTH_QUERY ? "query" : o.auth == AUTH_SUBPROTOCOL ?
 	    "subprotocol" : "header", o.canonical ? "canonical" : "compat",
 	    o.rate, tw, (t_end - t_send_end) / 1e6, (t0 - t_begin) / 1e6);
 	fprintf(f, "\"connected\":%" PRIu64 ",\"open_at_end\":%d,"
 	    "\"reconnected\":%" PRIu64 ",\"errors\":{\"connect\":%" PRIu64
-	    ",\"address\":%" PRIu64 ",\"timeout\":%" PRIu64 ",\"http\":%"
+	    ",\"address\":%" PRIu64 ",\"fd_limit\":%" PRIu64
+	    ",\"timeout\":%" PRIu64 ",\"http\":%"
 	    PRIu64 ",\"accept\":%" PRIu64 ",\"eof\":%" PRIu64 ",\"io\":%"
 	    PRIu64 ",\"protocol\":%" PRIu64 ",\"closed_by_server\":%" PRIu64
 	    "}", st.connected, open_end, st.reconnected, st.err_connect,
-	    st.err_addr, st.err_timeout, st.err_http, st.err_accept,
+	    st.err_addr, st.err_fdlimit, st.err_timeout, st.err_http,
+	    st.err_accept,
 	    st.err_eof, st.err_io, st.err_proto, st.closes);
 	print_codes(f, "close_codes", st.closecodes, st.nclosecodes);
 	print_codes(f, "server_error_codes", st.errcodes, st.nerrcodes);
@@ -2100,8 +2215,11 @@ report(uint64_t t_begin, uint64_t t0, uint64_t t_send_end, uint64_t t_end,
 	    ",\"acks\":%" PRIu64 ",\"expected_deliveries\":%" PRIu64
 	    ",\"delivered\":%" PRIu64 ",\"delivered_live\":%" PRIu64
 	    ",\"replayed\":%" PRIu64 ",\"echoes\":%" PRIu64
+	    ",\"echoes_missing\":%" PRIu64
 	    ",\"duplicates\":%" PRIu64 ",\"lost\":%" PRIu64
 	    ",\"lost_to_open_sockets\":%" PRIu64 ",\"lost_messages\":%" PRIu64
+	    ",\"lost_messages_seen_by_none\":%" PRIu64
+	    ",\"lost_of_messages_seen\":%" PRIu64
 	    ",\"out_of_order\":%" PRIu64 ",\"id_mismatch\":%" PRIu64
 	    ",\"misrouted\":%" PRIu64 ",\"foreign\":%" PRIu64
 	    ",\"server_errors\":%" PRIu64 ",\"other_events\":%" PRIu64
@@ -2109,8 +2227,10 @@ report(uint64_t t_begin, uint64_t t0, uint64_t t_send_end, uint64_t t_end,
 	    ",\"frames_in\":%" PRIu64 ",\"bytes_in\":%" PRIu64
 	    ",\"max_pending_out_bytes\":%" PRIu64 ",",
 	    st.sent, st.skipped, st.acks, st.expected, st.delivered,
-	    st.delivered_live, st.replayed, st.echoes, st.duplicates, lost,
-	    lost_open, lost_msgs, st.out_of_order, st.id_mismatch,
+	    st.delivered_live, st.replayed, st.echoes,
+	    st.sent > st.echoes ? st.sent - st.echoes : 0, st.duplicates, lost,
+	    lost_open, lost_msgs, unseen_msgs, lost - unseen_deliv,
+	    st.out_of_order, st.id_mismatch,
 	    st.misrouted, st.foreign, st.server_errors, st.other_events,
 	    st.pings, st.pongs, st.frames_in, st.bytes_in, st.max_wbuf);
 	fprintf(f, "\"send_rate\":%.1f,\"delivery_rate\":%.1f,",
@@ -2159,7 +2279,8 @@ progress_line(uint64_t now, uint64_t t0, uint64_t *last_cpu,
 	    now > t0 ? (now - t0) / 1e6 : 0.0, st.open, st.inflight, st.sent,
 	    st.delivered, st.duplicates, hist_pct(&st.lat_iv, 0.5) / 1000.0,
 	    hist_pct(&st.lat_iv, 0.99) / 1000.0, st.lat_iv.max / 1000.0,
-	    st.err_connect + st.err_addr + st.err_timeout + st.err_http +
+	    st.err_connect + st.err_addr + st.err_fdlimit + st.err_timeout +
+	    st.err_http +
 	    st.err_accept + st.err_eof + st.err_io + st.err_proto + st.closes,
 	    now > *last_t ? 100.0 * (cpu - *last_cpu) /
 	    (double)(now - *last_t) : 0.0);
@@ -2170,7 +2291,7 @@ progress_line(uint64_t now, uint64_t t0, uint64_t *last_cpu,
 
 /* The event loop. */
 
-static void
+static int
 wait_events(uint64_t timeout_us)
 {
 	struct epoll_event	 evs[MAX_EVENTS];
@@ -2186,18 +2307,19 @@ wait_events(uint64_t timeout_us)
 		n = epoll_pwait2(epfd, evs, MAX_EVENTS, &ts, NULL);
 		if (n == -1 && errno == ENOSYS) {
 			no_pwait2 = 1;
-			return;
+			return (0);
 		}
 	} else
 		n = epoll_wait(epfd, evs, MAX_EVENTS,
 		    (int)((timeout_us + 999) / 1000));
 	if (n == -1) {
 		if (errno == EINTR)
-			return;
+			return (0);
 		fatal("epoll_wait: %s", strerror(errno));
 	}
 	for (i = 0; i < n; i++)
 		conn_event(evs[i].data.ptr, evs[i].events);
+	return (n);
 }
 
 /* Start what may start; expire what took too long. */
@@ -2266,6 +2388,9 @@ main(int argc, char *argv[])
 		{ "progress", no_argument, NULL, 'v' },
 		{ "mint", required_argument, NULL, 'm' },
 		{ "show-lost", required_argument, NULL, 'l' },
+		{ "conv-offset", required_argument, NULL, 'o' },
+		{ "no-kernel-timestamps", no_argument, NULL, 'Z' },
+		{ "coalesce-us", required_argument, NULL, 'Q' },
 		{ NULL, 0, NULL, 0 }
 	};
 	char		 host[256], port[32];
@@ -2273,7 +2398,8 @@ main(int argc, char *argv[])
 	uint64_t	 nsched = 0, interval_ns, cpu0, cpu_t0 = 0, cpu_t1 = 0;
 	uint64_t	 last_prog = 0, last_cpu = 0, t_grace_end = 0;
 	uint64_t	 pinged = 0, t_ping0 = 0, tt;
-	int		 ch, i, phase = 0;
+	uint64_t	 last_sync = 0;
+	int		 ch, i, phase = 0, nev = 0;
 
 	o.chat_path = "/ws/chat/%d/";
 	o.prefix = "b";
@@ -2288,6 +2414,7 @@ main(int argc, char *argv[])
 	o.token_ttl = 86400;
 	o.storm_at = -1;
 	o.storm_down = 1;
+	o.coalesce_us = 500;
 
 	while ((ch = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
 		switch (ch) {
@@ -2336,6 +2463,9 @@ main(int argc, char *argv[])
 		case 'v': o.progress = 1; break;
 		case 'm': o.mint = optarg; break;
 		case 'l': o.show_lost = atoi(optarg); break;
+		case 'o': o.conv_offset = atoi(optarg); break;
+		case 'Z': o.no_kernel_ts = 1; break;
+		case 'Q': o.coalesce_us = atoi(optarg); break;
 		default: usage();
 		}
 	}
@@ -2454,7 +2584,9 @@ main(int argc, char *argv[])
 				t_send_end = now;
 				t_grace_end = now + (uint64_t)(o.grace * 1e6);
 			} else if (interval_ns > 0) {
-				uint64_t	due = (elapsed * 1000) / interval_ns + 1;
+				uint64_t	due;
+
+				due = (elapsed * 1000) / interval_ns + 1;
 
 				while (nsched < due) {
 					send_one(nsched, t0 + nsched *
@@ -2482,6 +2614,7 @@ main(int argc, char *argv[])
 		}
 		if (phase == 2) {
 			int	done = st.delivered >= st.expected &&
+			    st.echoes >= st.sent &&
 			    (storm.state != 3 || storm.caught == storm.dropped);
 
 			if (now >= t_grace_end || done) {
@@ -2492,10 +2625,28 @@ main(int argc, char *argv[])
 			if (t_grace_end < next)
 				next = t_grace_end;
 		}
+		if (now - last_sync >= 1000000) {
+			clock_sync();
+			last_sync = now;
+		}
 		if (o.progress && now - last_prog >= 1000000)
 			progress_line(now, t0 ? t0 : t_begin, &last_cpu,
 			    &last_prog);
-		wait_events(next > now ? next - now : 0);
+		tt = next > now ? next - now : 0;
+		if (o.coalesce_us > 0 && nev < MAX_EVENTS / 8 && tt > 0) {
+			/* Let a small batch grow: fewer wake-ups per event. */
+			struct timespec	ts;
+			uint64_t	nap = (uint64_t)o.coalesce_us;
+
+			if (nap > tt)
+				nap = tt;
+
+			ts.tv_sec = 0;
+			ts.tv_nsec = (long)nap * 1000;
+			nanosleep(&ts, NULL);
+			tt -= nap;
+		}
+		nev = wait_events(tt);
 	}
 	report(t_begin, t0, t_send_end, t_end, cpu0, cpu_t0, cpu_t1);
 	return (0);

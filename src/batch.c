@@ -38,6 +38,7 @@
 struct batch_item {
 	TAILQ_ENTRY(batch_item)	list;
 	struct session		*session;
+	int64_t			conversation_id;
 	struct kore_buf		json;
 };
 
@@ -49,6 +50,7 @@ struct batch {
 };
 
 static void	batch_flush(void);
+static int	batch_has_conversation(struct batch *, int64_t);
 static void	batch_done(struct db_result *, void *);
 
 static struct batch_list	batch_pending = TAILQ_HEAD_INITIALIZER(batch_pending);
@@ -62,6 +64,7 @@ batch_submit(struct session *s, struct message_in *m)
 
 	item = kore_calloc(1, sizeof(*item));
 	item->session = s;
+	item->conversation_id = s->conversation_id;
 	s->batch_item = item;
 
 	kore_buf_init(&item->json, 128 + m->content_len);
@@ -114,7 +117,7 @@ static void
 batch_flush(void)
 {
 	struct batch		*b;
-	struct batch_item	*item;
+	struct batch_item	*item, *next;
 	struct kore_buf		array;
 	const char		*params[1];
 
@@ -125,8 +128,11 @@ batch_flush(void)
 	kore_buf_init(&array, 4096);
 	kore_buf_append(&array, "[", 1);
 
-	while (b->count < BATCH_MAX &&
-	    (item = TAILQ_FIRST(&batch_pending)) != NULL) {
+	for (item = TAILQ_FIRST(&batch_pending);
+	    item != NULL && b->count < BATCH_MAX; item = next) {
+		next = TAILQ_NEXT(item, list);
+		if (batch_has_conversation(b, item->conversation_id))
+			continue;
 		TAILQ_REMOVE(&batch_pending, item, list);
 		if (b->count > 0)
 			kore_buf_append(&array, ",", 1);
@@ -140,6 +146,25 @@ batch_flush(void)
 	(void)db_query("SELECT idx, status, body, code, message "
 	    "FROM parley_post_messages($1::jsonb)", 1, params, batch_done, b);
 	kore_buf_cleanup(&array);
+}
+
+/*
+ * One message per conversation and batch: a transaction that updates the
+ * same conversation, participant and notification rows again and again
+ * leaves a chain of row versions that every later update walks, which
+ * makes a busy conversation's batch quadratic. The rest wait one turn.
+ */
+static int
+batch_has_conversation(struct batch *b, int64_t id)
+{
+	int		i;
+
+	for (i = 0; i < b->count; i++) {
+		if (b->items[i]->conversation_id == id)
+			return (1);
+	}
+
+	return (0);
 }
 
 static void
