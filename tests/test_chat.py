@@ -1439,6 +1439,10 @@ def test_users_on_two_different_workers(binary, pg, conn, sockets, tmp_path):
         a, b = new_id(), new_id()
         conv = create_conversation(conn, [a, b])
         socks = {a: [join(sockets, srv, conv, a, "Ann") for _ in range(2)]}
+        # a's first notification tab lands where a's chat sockets are.
+        tab1 = WS(srv, "/ws/notifications/", make_token(a, "Ann"))
+        fill.append(tab1)
+        assert tab1.recv()["type"] == "ready"
         first = _socket_nodes(conn, a)
         assert len(first) == 1
         fillers = [new_id() for _ in range(32)]
@@ -1452,6 +1456,18 @@ def test_users_on_two_different_workers(binary, pg, conn, sockets, tmp_path):
         socks[b] = [join(sockets, srv, conv, b, "Bob") for _ in range(2)]
         assert _socket_nodes(conn, a) != _socket_nodes(conn, b), \
             "a and b on the same worker"
+        # a's second notification tab lands on the other worker: a
+        # notification reaches both tabs (issue: two tabs, two workers).
+        tab2 = WS(srv, "/ws/notifications/", make_token(a, "Ann"))
+        fill.append(tab2)
+        assert tab2.recv()["type"] == "ready"
+        assert _socket_nodes(conn, a) == workers
+        note = sql_one(conn, "SELECT parley_post_notification(%s, "
+                       "'friend_request', '{\"from_user\": {\"id\": \"7\"}}')", a)
+        note_id = json.loads(note)["id"]
+        for tab in (tab1, tab2):
+            got = tab.recv_type("friend_request")
+            assert got["id"] == note_id and got["from_user"] == {"id": "7"}
         # b's arrival was announced to a across workers
         assert socks[a][0].recv_type("presence")["user_id"] == b
         _exchange_everything(conn, socks, conv)
