@@ -1,11 +1,10 @@
 """Fixtures: a throwaway PostgreSQL cluster and the real Parley binary
 with two workers on free ports. Nothing is mocked."""
 
-import os
 
 import pytest
 
-from helpers import PgCluster, SECRET, Server, free_port, server_binary
+from helpers import PgCluster, SECRET, Server, WS, free_port, server_binary
 
 
 @pytest.fixture(scope="session")
@@ -68,3 +67,18 @@ def conn(pg, server):
     c = pg.connect()
     yield c
     c.close()
+
+
+@pytest.fixture
+def sockets():
+    """Open sockets through opener(...); all are closed after the test."""
+    opened = []
+
+    def opener(*args, **kw):
+        ws = WS(*args, **kw)
+        opened.append(ws)
+        return ws
+
+    yield opener
+    for ws in opened:
+        ws.close()

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from helpers import (WS, api, create_conversation, make_token, new_id,
+from helpers import (api, create_conversation, make_token, new_id,
                      service_token, sql_one, sql_rows)
 
 TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -23,20 +23,6 @@ NOTIFY = "/ws/notifications/"
 # ---------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------
-
-@pytest.fixture
-def sockets():
-    opened = []
-
-    def opener(*args, **kw):
-        ws = WS(*args, **kw)
-        opened.append(ws)
-        return ws
-
-    yield opener
-    for ws in opened:
-        ws.close()
-
 
 def notif_socket(sockets, server, user, name=None):
     ws = sockets(server, NOTIFY, make_token(user, name))
