@@ -95,17 +95,14 @@ auth_token_valid_at(const struct identity *id, int64_t now)
 /*
  * Find the caller's token in the first source present, in the order of
  * PROTOCOL.md section 1, and verify it. An invalid token in that source
- * fails; it never falls through to the next source. *subproto is set when
- * the token came in the Sec-WebSocket-Protocol list.
+ * fails; it never falls through to the next source.
  */
 int
-auth_request(struct http_request *req, int flags, struct identity *id,
-    int *subproto)
+auth_request(struct http_request *req, int flags, struct identity *id)
 {
 	const char	*hdr, *tok;
 	char		*cookie, buf[TOKEN_MAX + 1];
 
-	*subproto = 0;
 	memset(id, 0, sizeof(*id));
 
 	tok = NULL;
@@ -117,11 +114,8 @@ auth_request(struct http_request *req, int flags, struct identity *id,
 	}
 
 	if (tok == NULL && (flags & TOKEN_SOURCE_SOCKET) &&
-	    http_request_header(req, "sec-websocket-protocol", &hdr)) {
-		if ((tok = auth_subprotocol_token(hdr, buf,
-		    sizeof(buf))) != NULL)
-			*subproto = 1;
-	}
+	    http_request_header(req, "sec-websocket-protocol", &hdr))
+		tok = auth_subprotocol_token(hdr, buf, sizeof(buf));
 
 	if (tok == NULL && util_query_get(req, "token", buf, sizeof(buf)))
 		tok = buf;

@@ -74,6 +74,7 @@ struct db_conn {
 TAILQ_HEAD(db_query_list, db_query);
 
 static void	db_migrate(void *, u_int64_t);
+static PGconn	*db_connect_blocking(void);
 static void	db_conn_start(struct db_conn *);
 static void	db_conn_poll(void *, u_int64_t);
 static void	db_conn_retry(void *, u_int64_t);
@@ -145,7 +146,7 @@ db_migrate(void *unused, u_int64_t now)
 		db_migrate_backoff = DB_MIGRATE_RETRY_MAX;
 }
 
-PGconn *
+static PGconn *
 db_connect_blocking(void)
 {
 	PGconn		*pg;

@@ -80,7 +80,7 @@ struct identity {
 #define TOKEN_SOURCE_SOCKET	0x01
 
 int	auth_verify(const char *, struct identity *);
-int	auth_request(struct http_request *, int, struct identity *, int *);
+int	auth_request(struct http_request *, int, struct identity *);
 int	auth_token_valid_at(const struct identity *, int64_t);
 
 /* The database pool (db.c): every query of the worker goes through it. */
@@ -101,11 +101,9 @@ struct db_query	*db_query(const char *, int, const char *const *,
 		    db_cb, void *);
 void		db_cancel(struct db_query *);
 void		db_init(void);
-void		db_listen(const char *);
 void		db_shutdown(void);
 int		db_ready(void);
 size_t		db_inflight(void);
-PGconn		*db_connect_blocking(void);
 
 /* A validated send, from any of the accepted forms (message.c). */
 struct message_in {
@@ -155,7 +153,6 @@ struct session {
 	int			kind;
 	int			state;
 	int			auth;
-	int			subproto;
 	int			registered;
 	u_int64_t		id;
 	struct identity		ident;
@@ -221,7 +218,6 @@ void	ws_open_query(struct session *, const char *, db_cb);
 void	ws_opened(struct session *, struct db_result *);
 void	ws_sync(struct session *, int64_t, int64_t);
 int	ws_int_field(yajl_val, const char *, int64_t, int64_t, int64_t *);
-int	ws_draining(void);
 
 /* The chat socket's events (chat.c) and the notification socket's (notify.c). */
 void	chat_open(struct session *);

@@ -86,9 +86,7 @@ rest_method(struct http_request *req, int allowed)
 int
 rest_identity(struct http_request *req, int need, struct identity *id)
 {
-	int		subproto;
-
-	if (auth_request(req, 0, id, &subproto) != AUTH_OK) {
+	if (auth_request(req, 0, id) != AUTH_OK) {
 		rest_error(req, HTTP_STATUS_UNAUTHORIZED, "unauthenticated",
 		    "a valid access token is required");
 		return (KORE_RESULT_ERROR);

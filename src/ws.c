@@ -83,12 +83,6 @@ ws_init(void)
 	(void)kore_timer_add(ws_node_beat, WS_NODE_BEAT_MS, NULL, 0);
 }
 
-int
-ws_draining(void)
-{
-	return (ws_is_draining);
-}
-
 /*
  * The handshake of both sockets. Origin is checked before the upgrade
  * (HTTP 403); identity and access are checked after it, so that failures
@@ -141,8 +135,7 @@ ws_handshake(struct http_request *req, int kind, int64_t conversation_id)
 	s->c = req->owner;
 	TAILQ_INIT(&s->events);
 	TAILQ_INIT(&s->held);
-	s->auth = auth_request(req, TOKEN_SOURCE_SOCKET, &s->ident,
-	    &s->subproto);
+	s->auth = auth_request(req, TOKEN_SOURCE_SOCKET, &s->ident);
 
 	/* Answer "parley", never the token, when the client offers it. */
 	if (ws_offers_parley(req))
