@@ -182,6 +182,7 @@ struct session {
 	u_int64_t		typing_relayed;
 	u_int64_t		typing_until;
 	u_int64_t		pinged;
+	u_int64_t		closed_at;
 
 	/* The send in flight: its batch entry, what its ack or error needs. */
 	struct batch_item	*batch_item;

@@ -38,6 +38,7 @@
 #define WS_EVENTS_MAX		64
 #define WS_SWEEP_MS		1000
 #define WS_NODE_BEAT_MS		10000
+#define WS_CLOSE_GRACE_MS	10000
 #define WS_SYNC_DEFAULT		200
 #define WS_SYNC_MAX		500
 
@@ -53,6 +54,7 @@ static int	ws_is_send(struct session *, const char *);
 static void	ws_process(struct session *);
 static size_t	ws_pending_bytes(struct connection *);
 static const char *ws_ref(yajl_val);
+static void	ws_unregister(struct session *);
 static void	ws_sweep(void *, u_int64_t);
 static void	ws_node_beat(void *, u_int64_t);
 static void	ws_run_loop(u_int64_t, int (*)(void));
@@ -307,8 +309,6 @@ ws_on_disconnect(struct connection *c)
 {
 	struct session		*s = c->hdlr_extra;
 	struct ws_event		*ev;
-	const char		*params[3];
-	char			id[24];
 
 	if (s == NULL || s->id == 0)
 		return;
@@ -330,15 +330,30 @@ ws_on_disconnect(struct connection *c)
 		kore_free(ev);
 	}
 
-	/* A draining worker forgets all its sockets at once (ws_drain). */
-	if (s->registered && !ws_is_draining) {
-		(void)snprintf(id, sizeof(id), "%llu", (unsigned long long)s->id);
-		params[0] = ws_node;
-		params[1] = id;
-		params[2] = s->typing_until != 0 ? "t" : "f";
-		(void)db_query("SELECT parley_socket_close($1, $2, $3)",
-		    3, params, NULL, NULL);
-	}
+	ws_unregister(s);
+}
+
+/*
+ * Take the socket out of the database's registry (presence, the socket
+ * cap) as soon as it is closing. A draining worker forgets all of its
+ * sockets at once instead (ws_drain).
+ */
+static void
+ws_unregister(struct session *s)
+{
+	const char	*params[3];
+	char		id[24];
+
+	if (!s->registered || ws_is_draining)
+		return;
+	s->registered = 0;
+
+	(void)snprintf(id, sizeof(id), "%llu", (unsigned long long)s->id);
+	params[0] = ws_node;
+	params[1] = id;
+	params[2] = s->typing_until != 0 ? "t" : "f";
+	(void)db_query("SELECT parley_socket_close($1, $2, $3)", 3, params,
+	    NULL, NULL);
 }
 
 /* Send one JSON text frame. */
@@ -404,8 +419,9 @@ ws_frame_build(struct kore_buf *buf, u_int8_t op, const void *data, size_t len)
 
 /*
  * Close with a status code and reason (Kore closes without one). What is
- * queued before the close frame still goes out, except for a slow
- * consumer, which is cut off at once.
+ * queued before the close frame still goes out, the slow consumer's output
+ * included: nothing more is added, and a client that does not read it all
+ * within WS_CLOSE_GRACE_MS is cut off by the sweep.
  */
 void
 ws_close(struct session *s, int code, const char *reason)
@@ -420,6 +436,8 @@ ws_close(struct session *s, int code, const char *reason)
 	if (s->user != NULL || s->conv != NULL)
 		hub_remove(s);
 	s->state = SESSION_CLOSED;
+	s->closed_at = kore_time_ms();
+	ws_unregister(s);
 
 	if (c->state != CONN_STATE_ESTABLISHED ||
 	    (c->flags & CONN_WS_CLOSE_SENT))
@@ -433,11 +451,6 @@ ws_close(struct session *s, int code, const char *reason)
 	memcpy(payload + 2, reason, rlen);
 
 	c->flags |= CONN_WS_CLOSE_SENT;
-	if (code == WS_CLOSE_SLOW) {
-		kore_connection_disconnect(c);
-		return;
-	}
-
 	kore_buf_reset(&ws_frame);
 	ws_frame_build(&ws_frame, WEBSOCKET_OP_CLOSE, payload, rlen + 2);
 	net_send_queue(c, ws_frame.data, ws_frame.offset);
@@ -894,6 +907,11 @@ ws_sweep(void *unused, u_int64_t now)
 
 	for (s = TAILQ_FIRST(&ws_sessions); s != NULL; s = next) {
 		next = TAILQ_NEXT(s, all_list);
+		if (s->state == SESSION_CLOSED &&
+		    now - s->closed_at > WS_CLOSE_GRACE_MS) {
+			kore_connection_disconnect(s->c);
+			continue;
+		}
 		if (s->state != SESSION_OPEN)
 			continue;
 

@@ -1673,3 +1673,77 @@ def test_sigterm_drains_with_going_away(make_server, conn):
     # a new socket is refused now (the process is gone)
     with pytest.raises(Exception):
         WS(srv, chat_path(conv), make_token(a), timeout=3)
+
+
+def test_slow_consumer_closed_with_4029(make_server, conn):
+    """A socket that stops reading while its conversation is busy: once
+    the unsent output passes PARLEY_MAX_OUTPUT_BYTES the server adds
+    nothing more and closes it with 4029 slow_consumer, after what was
+    already queued; the other sockets are unaffected."""
+    import socket as pysocket
+    srv = make_server(PARLEY_MAX_OUTPUT_BYTES="262144")
+    a, b = new_id(), new_id()
+    conv = create_conversation(conn, [a, b])
+    # The reader: a tiny receive buffer and no reads until the flood is over.
+    slow = websocket.WebSocket(
+        sockopt=((pysocket.SOL_SOCKET, pysocket.SO_RCVBUF, 4096),))
+    slow.connect(srv.ws_base + chat_path(conv),
+                 subprotocols=["parley", "bearer." + make_token(b)],
+                 suppress_origin=True)
+    healthy = WS(srv, chat_path(conv), make_token(a))
+    got = {"messages": 0}
+    stop = threading.Event()
+
+    def drain():
+        # The healthy socket keeps reading all along.
+        while not stop.is_set():
+            try:
+                if healthy.recv(1)["type"] == "message":
+                    got["messages"] += 1
+            except TimeoutError:
+                continue
+            except Closed as c:
+                got["closed"] = (c.code, c.reason)
+                return
+
+    reader = threading.Thread(target=drain)
+    try:
+        assert healthy.recv()["type"] == "ready"
+        reader.start()
+        body = "x" * 3000
+        for _ in range(60):
+            sql_one(conn, "WITH w AS (INSERT INTO messages (conversation_id, "
+                    "sender_id, content) SELECT %s, %s, %s FROM "
+                    "generate_series(1, 50) RETURNING id) SELECT count(*) "
+                    "FROM w", conv, a, body)
+            if sql_one(conn, "SELECT count(*) FROM parley_sockets WHERE "
+                       "user_id = %s", b) == 0:
+                break
+            time.sleep(0.3)     # a pace the healthy reader keeps up with
+        # The slow socket left the registry (closed) while a stays.
+        wait_for(lambda: sql_one(conn, "SELECT count(*) FROM parley_sockets "
+                                 "WHERE user_id = %s", b) == 0, 30,
+                 what="the slow socket is closed")
+        assert sql_one(conn, "SELECT count(*) FROM parley_sockets WHERE "
+                       "user_id = %s", a) == 1, (got, srv.output()[-2000:])
+        # Reading now: what was queued, then the close code.
+        slow.settimeout(10)
+        code = None
+        while True:
+            op, data = slow.recv_data(control_frame=True)
+            if op == websocket.ABNF.OPCODE_CLOSE:
+                code = (int.from_bytes(data[:2], "big"),
+                        data[2:].decode())
+                break
+        assert code == (4029, "slow_consumer")
+        # The healthy socket had every message and is still open.
+        inserted = sql_one(conn, "SELECT count(*) FROM messages WHERE "
+                           "conversation_id = %s", conv)
+        wait_for(lambda: got["messages"] == inserted, 30,
+                 what="every message on the healthy socket")
+    finally:
+        stop.set()
+        if reader.is_alive():
+            reader.join()
+        slow.close()
+        healthy.close()
