@@ -12,7 +12,7 @@ PYTHON=/usr/bin/python3
 PARLEY_PACKAGES="kore make gcc libc6-dev dpkg-dev libssl-dev libpq-dev
 libyajl-dev libjwt-dev postgresql postgresql-client python3 python3-pytest
 python3-websocket python3-psycopg2 python3-jwt python3-requests
-python3-cryptography ca-certificates curl"
+python3-cryptography ca-certificates curl procps"
 
 log() {
 	printf '==> %s\n' "$*" >&2
