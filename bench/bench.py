@@ -393,6 +393,7 @@ def verdict(name, params, steps):
     v = {"lost": lg["lost"],
          "lost_of_messages_seen": lg.get("lost_of_messages_seen"),
          "messages_never_seen": lg.get("lost_messages_seen_by_none"),
+         "lost_in_flight_at_end": lg.get("lost_in_flight_at_end"),
          "duplicates": lg["duplicates"],
          "out_of_order": lg["out_of_order"], "sent": lg["sent"],
          "echoes_missing": lg.get("echoes_missing"),
@@ -546,6 +547,8 @@ def plot(path, png):
                ls=":")
     a2.set_xscale("log")
     a2.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    a2.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    a2.set_xticks(xs)
     a2.set_xlabel("offered messages/s")
     a2.set_ylabel("% of one core (2 cores = 200%)")
     a2.legend()

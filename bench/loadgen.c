@@ -120,6 +120,7 @@ TAILQ_HEAD(connq, conn);
 
 struct msg {
 	uint64_t	 t_send;	/* monotonic us, as embedded */
+	uint64_t	 t_first;	/* first copy seen, by anyone */
 	int64_t		 server_id;
 	uint32_t	 sender;	/* slot */
 	uint32_t	 ndeliv;	/* non-sender deliveries */
@@ -237,7 +238,7 @@ struct stats {
 };
 
 struct storm {
-	int		 state;		/* 0 off 1 armed 2 down 3 up */
+	int		 state;		/* off armed down up */
 	int		 dropped;
 	int		 caught;
 	int		 reopened;
@@ -1627,6 +1628,8 @@ on_message(struct conn *c, const char *s, const char *e, int replay)
 		return;
 	}
 	bits[c->slot >> 3] |= (uint8_t)(1 << (c->slot & 7));
+	if (m->t_first == 0)
+		m->t_first = t_recv;
 	if (ooo)
 		st.out_of_order++;
 	lat = t_recv > m->t_send ? t_recv - m->t_send : 0;
@@ -2016,6 +2019,7 @@ send_one(uint64_t n, uint64_t sched, uint64_t now)
 	m = &cv->msgs[cv->nmsg];
 	memset(cv->bits + (size_t)cv->nmsg * bpm, 0, bpm);
 	m->t_send = now;
+	m->t_first = 0;
 	m->server_id = 0;
 	m->sender = slot;
 	m->ndeliv = 0;
@@ -2132,7 +2136,7 @@ report(uint64_t t_begin, uint64_t t0, uint64_t t_send_end, uint64_t t_end,
     uint64_t cpu0, uint64_t cpu_traffic0, uint64_t cpu_traffic1)
 {
 	uint64_t	 lost = 0, lost_open = 0, lost_msgs = 0, user, sys;
-	uint64_t	 unseen_msgs = 0, unseen_deliv = 0;
+	uint64_t	 unseen_msgs = 0, unseen_deliv = 0, inflight_deliv = 0;
 	double		 tw, dw;
 	char		 label[256], url[256];
 	int		 i, k, open_end = 0, shown = 0;
@@ -2161,6 +2165,9 @@ report(uint64_t t_begin, uint64_t t0, uint64_t t_send_end, uint64_t t_end,
 			    !(bits[m->sender >> 3] & (1 << (m->sender & 7)))) {
 				unseen_msgs++;
 				unseen_deliv += miss;
+			} else if (t_end - m->t_first < 1000000) {
+				/* Being broadcast when the run ended. */
+				inflight_deliv += miss;
 			}
 			for (k = 0; k < nslots; k++) {
 				if ((uint32_t)k == m->sender ||
@@ -2219,6 +2226,7 @@ report(uint64_t t_begin, uint64_t t0, uint64_t t_send_end, uint64_t t_end,
 	    ",\"duplicates\":%" PRIu64 ",\"lost\":%" PRIu64
 	    ",\"lost_to_open_sockets\":%" PRIu64 ",\"lost_messages\":%" PRIu64
 	    ",\"lost_messages_seen_by_none\":%" PRIu64
+	    ",\"lost_in_flight_at_end\":%" PRIu64
 	    ",\"lost_of_messages_seen\":%" PRIu64
 	    ",\"out_of_order\":%" PRIu64 ",\"id_mismatch\":%" PRIu64
 	    ",\"misrouted\":%" PRIu64 ",\"foreign\":%" PRIu64
@@ -2229,7 +2237,8 @@ report(uint64_t t_begin, uint64_t t0, uint64_t t_send_end, uint64_t t_end,
 	    st.sent, st.skipped, st.acks, st.expected, st.delivered,
 	    st.delivered_live, st.replayed, st.echoes,
 	    st.sent > st.echoes ? st.sent - st.echoes : 0, st.duplicates, lost,
-	    lost_open, lost_msgs, unseen_msgs, lost - unseen_deliv,
+	    lost_open, lost_msgs, unseen_msgs, inflight_deliv,
+	    lost - unseen_deliv - inflight_deliv,
 	    st.out_of_order, st.id_mismatch,
 	    st.misrouted, st.foreign, st.server_errors, st.other_events,
 	    st.pings, st.pongs, st.frames_in, st.bytes_in, st.max_wbuf);

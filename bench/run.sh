@@ -59,9 +59,8 @@ setup() {
 	log "server binary: $BIN"
 
 	pg_start "$PG_DIR" "$PG_PORT"
-	local want="" s
+	local s
 	for s in $PG_SETTINGS; do
-		want="$want ${s%%=*}"
 		psql_db postgres -c "ALTER SYSTEM SET ${s%%=*} = '${s#*=}'"
 	done
 	as_pg "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/log" -w restart >/dev/null
@@ -71,8 +70,13 @@ setup() {
 	trap cleanup EXIT
 }
 
+# The server always; the cluster unless BENCH_KEEP_PG=1 (its data, the
+# history table included, stays on disk for the next run either way).
 cleanup() {
 	stop_server
+	if [ "${BENCH_KEEP_PG:-0}" != 1 ] && [ "$PG_PID" != 0 ]; then
+		as_pg "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -m fast -w stop >/dev/null || true
+	fi
 }
 
 # A fresh database (unless it is the persistent history one).
@@ -134,7 +138,8 @@ measure() {
 
 # params KEY=VALUE...: the scenario's parameters, for its result file.
 params() {
-	"$PY" - "$RAW/$SCEN.params.json" "git=$(git_rev)" "pg_settings=$PG_DESC" "$@" <<'EOF'
+	"$PY" - "$RAW/$SCEN.params.json" "git=$(git_rev)" "pg_settings=$PG_DESC" \
+	    "server_binary=$BIN" "$@" <<'EOF'
 import json, sys
 d = {}
 for a in sys.argv[2:]:
@@ -331,7 +336,8 @@ scen_idle() {
 		[ ${#args[@]} -gt 0 ] && args+=(":::")
 		args+=($LG --idle --conversations "$cnt" --users-per-conversation "$k"
 		    --user-prefix id --conv-offset "$off" --conv-file "$RAW/idle.ids.$i"
-		    --source-ips "127.0.0.$i" --duration "$hold" --connect-timeout 60
+		    --source-ips "127.0.$i.1,127.0.$i.2,127.0.$i.3,127.0.$i.4" \
+		    --duration "$hold" --connect-timeout 60
 		    --retries 2 --label "idle-$i")
 		off=$((off + cnt))
 	done
