@@ -390,3 +390,16 @@ def wait_for(pred, timeout=10, interval=0.05, what="condition"):
         if time.time() >= deadline:
             raise TimeoutError("%s not met in %ss" % (what, timeout))
         time.sleep(interval)
+
+
+def message_ids(ws, n, timeout=20):
+    """The ids of the `message` events a socket has had so far (all frames
+    read through recv_until are kept), once there are at least n."""
+    def ids():
+        return [f["message"]["id"] for f in ws.frames
+                if f["type"] == "message"]
+    deadline = time.time() + timeout
+    while len(ids()) < n:
+        ws.recv_until(lambda f: f["type"] == "message",
+                      max(deadline - time.time(), 0.01))
+    return ids()

@@ -16,7 +16,7 @@ import pytest
 import requests
 import websocket
 
-from helpers import (WS, Closed, Server, create_conversation, free_port,
+from helpers import (message_ids, WS, Closed, Server, create_conversation, free_port,
                      make_token, metrics, new_id, service_token, sql_one,
                      sql_rows, wait_for, SECRET)
 
@@ -103,19 +103,6 @@ def sql_insert(conn, conv, sender, content, type_=None):
     return sql_one(conn, "INSERT INTO messages (conversation_id, sender_id, "
                    "type, content) VALUES (%s, %s, %s, %s) RETURNING id",
                    conv, sender, type_, content)
-
-
-def message_ids(ws, n, timeout=10):
-    """The ids of the `message` events a socket has had so far (all frames
-    read through recv_until are kept), once there are at least n."""
-    def ids():
-        return [f["message"]["id"] for f in ws.frames
-                if f["type"] == "message"]
-    deadline = time.time() + timeout
-    while len(ids()) < n:
-        ws.recv_until(lambda f: f["type"] == "message",
-                      max(deadline - time.time(), 0.01))
-    return ids()
 
 
 def count_messages(conn, conv):

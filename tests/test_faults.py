@@ -14,7 +14,7 @@ import time
 import pytest
 import requests
 
-from helpers import (PgCluster, SECRET, WS, Server,
+from helpers import (message_ids, PgCluster, SECRET, WS, Server,
                      create_conversation, free_port, make_token, new_id,
                      sql_one, sql_rows, wait_for)
 
@@ -120,19 +120,6 @@ def send_until_acked(ws, content, client_id, deadline):
         errors += 1
         assert time.time() < deadline, "never acked: %r" % f
         time.sleep(0.1)
-
-
-def message_ids(ws, n, timeout=20):
-    """Ids of the message events a socket has had (frames read through
-    recv_until are kept), once there are at least n."""
-    def ids():
-        return [f["message"]["id"] for f in ws.frames
-                if f["type"] == "message"]
-    deadline = time.time() + timeout
-    while len(ids()) < n:
-        ws.recv_until(lambda f: f["type"] == "message",
-                      max(deadline - time.time(), 0.01))
-    return ids()
 
 
 def exactly_once_in_order(ws, expected, conn, conv, sender, iso=None):
