@@ -47,7 +47,16 @@ as $$
                     where conversation_id = p_conversation and user_id = p_user)
 $$;
 
--- Register a socket: serialised per user so the cap cannot be raced past.
+-- Serialises one user's socket changes until the transaction ends: the
+-- socket cap, and the online/offline decisions, which would otherwise race
+-- (two tabs closing at once each see the other still open: nobody goes
+-- offline).
+create or replace function parley_user_lock(p_user text) returns void
+language sql
+as $$ select pg_advisory_xact_lock(hashtext('parley-user'), hashtext(p_user)) $$;
+
+-- Register a socket: the caller holds parley_user_lock, so the cap cannot be
+-- raced past.
 create or replace function parley_socket_register(p_node text, p_socket bigint,
                                                   p_user text, p_conversation bigint,
                                                   p_max integer)
@@ -56,7 +65,6 @@ language plpgsql
 set search_path from current
 as $$
 begin
-    perform pg_advisory_xact_lock(hashtext('parley-user'), hashtext(p_user));
     if (select count(*) from parley_live_sockets() where user_id = p_user) >= p_max then
         perform parley_fail(429, 'too_many_connections',
                             'this user already has the maximum number of sockets open');
@@ -82,6 +90,7 @@ declare
 begin
     perform parley_touch_user(p_user, p_name);
     v_ready := parley_conversation_ready(p_conversation, p_user)::json;
+    perform parley_user_lock(p_user);
     v_was_online := parley_user_online(p_conversation, p_user);
     perform parley_socket_register(p_node, p_socket, p_user, p_conversation, p_max);
     if not v_was_online then
@@ -111,6 +120,7 @@ declare
     v_ready json;
 begin
     perform parley_touch_user(p_user, p_name);
+    perform parley_user_lock(p_user);
     perform parley_socket_register(p_node, p_socket, p_user, null, p_max);
     v_ready := parley_notify_ready(p_user)::json;
     return json_build_object(
@@ -137,12 +147,41 @@ begin
     if v_sock.conversation_id is null then
         return;
     end if;
+    perform parley_user_lock(v_sock.user_id);
     if p_was_typing then
         perform parley_emit_typing(v_sock.conversation_id, v_sock.user_id, false);
     end if;
     if not parley_user_online(v_sock.conversation_id, v_sock.user_id) then
         perform parley_emit_presence(v_sock.conversation_id, v_sock.user_id, 'offline');
     end if;
+end
+$$;
+
+-- Forget every socket of the given nodes; users left with no socket to a
+-- conversation go offline there. Users are locked in one order so that two
+-- sweeps cannot deadlock.
+create or replace function parley_nodes_forget(p_nodes text[])
+returns void
+language plpgsql
+set search_path from current
+as $$
+declare
+    v_gone record;
+begin
+    perform parley_user_lock(user_id)
+       from (select distinct user_id from parley_sockets
+              where node = any (p_nodes) order by 1) u;
+    for v_gone in
+        with gone as (
+            delete from parley_sockets where node = any (p_nodes)
+            returning conversation_id, user_id)
+        select distinct conversation_id, user_id from gone
+         where conversation_id is not null
+    loop
+        if not parley_user_online(v_gone.conversation_id, v_gone.user_id) then
+            perform parley_emit_presence(v_gone.conversation_id, v_gone.user_id, 'offline');
+        end if;
+    end loop;
 end
 $$;
 
@@ -153,21 +192,11 @@ returns void
 language plpgsql
 set search_path from current
 as $$
-declare
-    v_gone record;
 begin
     insert into parley_nodes (node) values (p_node)
         on conflict (node) do update set seen_at = now();
-    for v_gone in
-        delete from parley_sockets s using parley_nodes n
-         where s.node = n.node and n.seen_at < now() - parley_node_ttl()
-        returning s.conversation_id, s.user_id
-    loop
-        if v_gone.conversation_id is not null
-           and not parley_user_online(v_gone.conversation_id, v_gone.user_id) then
-            perform parley_emit_presence(v_gone.conversation_id, v_gone.user_id, 'offline');
-        end if;
-    end loop;
+    perform parley_nodes_forget(array(
+        select node from parley_nodes where seen_at < now() - parley_node_ttl()));
     delete from parley_nodes where seen_at < now() - parley_node_ttl();
 end
 $$;
@@ -178,18 +207,8 @@ returns void
 language plpgsql
 set search_path from current
 as $$
-declare
-    v_sock record;
 begin
-    for v_sock in
-        delete from parley_sockets where node = p_node
-        returning conversation_id, user_id
-    loop
-        if v_sock.conversation_id is not null
-           and not parley_user_online(v_sock.conversation_id, v_sock.user_id) then
-            perform parley_emit_presence(v_sock.conversation_id, v_sock.user_id, 'offline');
-        end if;
-    end loop;
+    perform parley_nodes_forget(array[p_node]);
     delete from parley_nodes where node = p_node;
 end
 $$;

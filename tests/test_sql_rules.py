@@ -723,3 +723,76 @@ def test_typing_and_presence_events(conn, listener):
                                         "user_id": a, "username": "Ana", "is_typing": True}
     assert json.loads(events[1][4]) == {"type": "presence", "conversation_id": conv,
                                         "user_id": b, "status": "online"}
+
+
+# ---------------------------------------------------------------------------------
+# presence: socket opens and closes racing each other
+# ---------------------------------------------------------------------------------
+
+def presence_events(listener, conv):
+    return [json.loads(e[4])["status"] for e in listener.collect()
+            if e[0] == "e" and e[2] == conv and json.loads(e[4])["type"] == "presence"]
+
+
+def chat_open(conn, conv, uid, socket_id, node="sql-rules-node"):
+    return one(conn, "select parley_chat_open(%s, %s, %s, %s, 'Ana', 1000)",
+               node, socket_id, conv, uid)
+
+
+def test_two_tabs_closing_at_once_make_one_offline(pg, conn, listener):
+    a, b = touch(conn, "Ana", "Bob")
+    conv = create(conn, a, [a, b])["conversation"]["id"]
+    tabs = [next(SOCKETS), next(SOCKETS)]
+    for t in tabs:
+        chat_open(conn, conv, a, t)
+    assert presence_events(listener, conv) == ["online"]
+    first, second = connect(pg), connect(pg)
+    try:
+        # the first close is not committed when the second runs: without a
+        # per-user lock each saw the other tab still open and nobody went offline
+        one(first, "select parley_socket_close('sql-rules-node', %s, false)", tabs[0])
+        box = run_in_thread(one, second,
+                            "select parley_socket_close('sql-rules-node', %s, false)", tabs[1])
+        wait_blocked(conn, second.get_backend_pid())
+        first.commit()
+        finish(box)
+        second.commit()
+    finally:
+        first.close()
+        second.close()
+    assert presence_events(listener, conv) == ["offline"]
+    assert one(conn, "select parley_user_online(%s, %s)", conv, a) is False
+
+
+def test_two_tabs_opening_at_once_make_one_online(pg, conn, listener):
+    a, b = touch(conn, "Ana", "Bob")
+    conv = create(conn, a, [a, b])["conversation"]["id"]
+    first, second = connect(pg), connect(pg)
+    try:
+        chat_open(first, conv, a, next(SOCKETS))
+        box = run_in_thread(chat_open, second, conv, a, next(SOCKETS))
+        wait_blocked(conn, second.get_backend_pid())
+        first.commit()
+        ready = json.loads(finish(box))
+        second.commit()
+    finally:
+        first.close()
+        second.close()
+    assert presence_events(listener, conv) == ["online"]
+    assert ready["online"] == [a]
+
+
+def test_a_dead_node_sends_each_user_offline_once(conn, listener):
+    a, b = touch(conn, "Ana", "Bob")
+    conv = create(conn, a, [a, b])["conversation"]["id"]
+    node = "sql-rules-dead-" + uuid.uuid4().hex[:8]
+    for _ in range(3):
+        chat_open(conn, conv, a, next(SOCKETS), node)
+    chat_open(conn, conv, b, next(SOCKETS), node)
+    assert presence_events(listener, conv) == ["online", "online"]
+    one(conn, "update parley_nodes set seen_at = now() - interval '1 hour' where node = %s",
+        node)
+    one(conn, "select parley_node_alive('sql-rules-node')")
+    assert sorted(presence_events(listener, conv)) == ["offline", "offline"]
+    assert one(conn, "select count(*) from parley_sockets where node = %s", node) == 0
+    assert one(conn, "select count(*) from parley_nodes where node = %s", node) == 0
