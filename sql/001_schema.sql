@@ -58,7 +58,10 @@ create sequence messages_id_seq;
 create table messages (
     id               bigint primary key,
     conversation_id  bigint not null references conversations (id) on delete cascade,
-    sender_id        text references users (id),          -- null = SYSTEM
+    -- null = SYSTEM. No foreign key: the insert trigger requires the sender to
+    -- be a participant, and participants reference users; a key check here
+    -- would lock the sender's users row on every message.
+    sender_id        text,
     type             text not null default 'TEXT'
                      check (type in ('TEXT', 'LOCATION', 'IMAGE', 'FILE', 'SYSTEM')),
     content          text not null default '',

@@ -258,52 +258,86 @@ begin
 end
 $$;
 
-create or replace function parley_messages_after_insert() returns trigger
+-- After each INSERT statement, over all its rows at once (a batch of sends is
+-- one statement): the conversations' last-message fields, the other
+-- participants' unread counts, the live frames and the collapsed new_message
+-- notifications. Set-based, so a batch costs these few statements rather than
+-- a few per message. A new message has no reader yet: it is read only when
+-- nobody but its sender is there to read it.
+create or replace function parley_messages_inserted() returns trigger
 language plpgsql
 set search_path from current
 as $$
 declare
-    v_payload jsonb;
+    r record;
 begin
-    update conversations
-       set last_message_id = new.id,
-           last_message_at = new.created_at,
-           updated_at = new.created_at
-     where id = new.conversation_id;
+    update conversations c
+       set last_message_id = l.id,
+           last_message_at = l.created_at,
+           updated_at = l.created_at
+      from (select distinct on (conversation_id) conversation_id, id, created_at
+              from inserted
+             order by conversation_id, id desc) l
+     where c.id = l.conversation_id;
 
     -- Everyone but the sender (everyone for SYSTEM) has one more unread message.
-    update participants
-       set unread_count = unread_count + 1
-     where conversation_id = new.conversation_id
-       and user_id is distinct from new.sender_id;
+    update participants p
+       set unread_count = p.unread_count + x.n
+      from (select q.conversation_id, q.user_id, count(*)::integer as n
+              from inserted i
+              join participants q on q.conversation_id = i.conversation_id
+                                 and q.user_id is distinct from i.sender_id
+             group by q.conversation_id, q.user_id) x
+     where p.conversation_id = x.conversation_id
+       and p.user_id = x.user_id;
 
-    perform parley_emit('m', new.id, new.conversation_id, null,
-                        parley_message_frame(new.id, false));
+    -- In id order: per conversation that is commit order (the insert trigger
+    -- holds the conversation's lock), and NOTIFY keeps it.
+    for r in
+        select i.id, i.conversation_id,
+               parley_message_event(parley_message_json(i, u.name,
+                   not exists (select 1 from participants q
+                                where q.conversation_id = i.conversation_id
+                                  and q.user_id is distinct from i.sender_id)),
+                   false) as frame
+          from inserted i
+          left join users u on u.id = i.sender_id
+         order by i.id
+    loop
+        perform parley_emit('m', r.id, r.conversation_id, null, r.frame);
+    end loop;
 
-    -- The collapsed new_message notification: one unread per user and conversation,
-    -- updated in place (same id) by later messages. Its insert/update trigger
-    -- (004_notifications.sql) sends the 'n' event with the live counts.
-    v_payload := jsonb_build_object(
-        'conversation_id', new.conversation_id,
-        'from_user', case when new.sender_id is not null
-                          then jsonb_build_object('id', new.sender_id,
-                                                  'username', parley_user_name(new.sender_id)) end,
-        'message', jsonb_build_object('id', new.id, 'content', new.content));
-
+    -- The collapsed new_message notification: one unread per user and
+    -- conversation, updated in place (same id) with the latest message from
+    -- someone else and the number of messages it stands for. Its insert/update
+    -- trigger (004_notifications.sql) sends the 'n' event with the live counts.
     insert into notifications as n (user_id, type, payload, conversation_id, count, created_at)
-    select p.user_id, 'new_message', v_payload, new.conversation_id, 1, new.created_at
-      from participants p
-     where p.conversation_id = new.conversation_id
-       and p.user_id is distinct from new.sender_id
-       and not p.muted
-       and not exists (select 1 from notification_preferences np
-                        where np.user_id = p.user_id
-                          and 'new_message' = any (np.disabled_types))
-     order by p.user_id                       -- a stable lock order
+    select x.user_id, 'new_message',
+           jsonb_build_object(
+               'conversation_id', x.conversation_id,
+               'from_user', case when x.sender_id is not null
+                                 then jsonb_build_object('id', x.sender_id,
+                                          'username', coalesce(u.name, 'user ' || x.sender_id)) end,
+               'message', jsonb_build_object('id', x.id, 'content', x.content)),
+           x.conversation_id, x.n, x.created_at
+      from (select q.user_id, i.conversation_id, i.id, i.sender_id, i.content, i.created_at,
+                   count(*) over w as n,
+                   row_number() over (w order by i.id desc) as latest
+              from inserted i
+              join participants q on q.conversation_id = i.conversation_id
+                                 and q.user_id is distinct from i.sender_id
+                                 and not q.muted
+             where not exists (select 1 from notification_preferences np
+                                where np.user_id = q.user_id
+                                  and 'new_message' = any (np.disabled_types))
+            window w as (partition by q.user_id, i.conversation_id)) x
+      left join users u on u.id = x.sender_id
+     where x.latest = 1
+     order by x.user_id, x.conversation_id          -- a stable lock order
     on conflict (user_id, conversation_id) where type = 'new_message' and read_at is null
     do update set payload = excluded.payload,
                   created_at = excluded.created_at,
-                  count = n.count + 1;
+                  count = n.count + excluded.count;
 
     return null;
 end
@@ -311,8 +345,9 @@ $$;
 
 create trigger messages_before_insert before insert on messages
     for each row execute function parley_messages_before_insert();
-create trigger messages_after_insert after insert on messages
-    for each row execute function parley_messages_after_insert();
+create trigger messages_inserted after insert on messages
+    referencing new table as inserted
+    for each statement execute function parley_messages_inserted();
 
 ------------------------------------------------------------------------------------
 -- Functions the server calls
@@ -380,7 +415,7 @@ declare
     v_content text := coalesce(p_content, '');
     v_metadata jsonb := nullif(p_metadata, 'null'::jsonb);
     v_answer text;
-    v_id bigint;
+    m messages;
 begin
     if p_sender is null then
         perform 1 from conversations where id = p_conversation;
@@ -399,19 +434,31 @@ begin
         end if;
     end if;
 
-    insert into messages (conversation_id, sender_id, type, content, metadata, client_id)
-    values (p_conversation, p_sender, v_type, v_content, v_metadata, p_client_id)
-    on conflict (conversation_id, coalesce(sender_id, ''), client_id)
-       where client_id is not null
-    do nothing
-    returning id into v_id;
+    if p_client_id is null then
+        -- Nothing to collide with: a plain insert skips the speculative one.
+        insert into messages (conversation_id, sender_id, type, content, metadata)
+        values (p_conversation, p_sender, v_type, v_content, v_metadata)
+        returning * into m;
+    else
+        insert into messages (conversation_id, sender_id, type, content, metadata, client_id)
+        values (p_conversation, p_sender, v_type, v_content, v_metadata, p_client_id)
+        on conflict (conversation_id, coalesce(sender_id, ''), client_id)
+           where client_id is not null
+        do nothing
+        returning * into m;
+    end if;
 
-    if v_id is null then
+    if m.id is null then
         -- A concurrent send with the same client_id committed first: answer as a repeat.
         return parley_repeat_send(p_conversation, p_sender, p_client_id,
                                   v_type, v_content, v_metadata);
     end if;
-    return json_build_object('status', 'created', 'message', parley_message_json(v_id))::text;
+    -- Rendered from the inserted row, as the trigger renders the live frame.
+    return json_build_object('status', 'created', 'message',
+        parley_message_json(m, (select name from users where id = p_sender),
+                            not exists (select 1 from participants
+                                         where conversation_id = p_conversation
+                                           and user_id is distinct from p_sender)))::text;
 end
 $$;
 

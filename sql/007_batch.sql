@@ -1,10 +1,17 @@
 -- Write batching (bench/README.md): a worker sends every message that arrived
--- while its previous write was in flight in one call, one transaction. Each
--- send still goes through parley_post_message (the same rules, triggers and
--- NOTIFY as a single send), inside its own subtransaction so that one refused
--- send does not undo the others. Conversations are taken in id order so that
--- two workers' batches lock conversation rows in the same order and cannot
--- deadlock.
+-- while its previous write was in flight in one call, one transaction.
+--
+-- The usual path inserts the whole batch with one INSERT statement, so the
+-- triggers of 002 do their work once per batch instead of once per message,
+-- and once per row they touch however many of the batch's messages share a
+-- conversation (a big conversation's recipients are updated once a batch).
+-- Sends it can answer without writing (not a participant, a client_id
+-- repeat) are answered first and left out of the insert. Should the insert
+-- still fail (a conversation deleted meanwhile, a participant removed), the
+-- batch is taken again one send at a time, each in its own subtransaction,
+-- so that one refused send does not undo the others. Either way rows are
+-- inserted in conversation id order, so two workers' batches lock
+-- conversation rows in the same order and cannot deadlock.
 select set_config('search_path', quote_ident(current_schema()) || ', pg_temp', true);
 
 -- p_batch: [{"c":conversation_id,"s":sender,"t":type,"b":content,
@@ -17,20 +24,139 @@ returns table (idx integer, status integer, body text, code text, message text)
 language plpgsql
 set search_path from current
 as $$
+begin
+    begin
+        -- A plpgsql set-returning function hands over its rows only once it
+        -- has finished, so a failure here leaves no partial answer behind.
+        return query select * from parley_post_messages_together(p_batch);
+        return;
+    exception when others then
+        null;                   -- answered one by one below, errors included
+    end;
+    return query select * from parley_post_messages_each(p_batch);
+end
+$$;
+
+-- The batch as rows; sends without type or content get the defaults of
+-- parley_post_message.
+create or replace function parley_batch_items(p_batch jsonb)
+returns table (idx integer, c bigint, s text, t text, b text, m jsonb, k text)
+language sql immutable
+as $$
+    select (e.ordinality - 1)::integer, (e.value->>'c')::bigint, e.value->>'s',
+           case when e.value->>'s' is null then 'SYSTEM'
+                else coalesce(e.value->>'t', 'TEXT') end,
+           coalesce(e.value->>'b', ''), nullif(e.value->'m', 'null'::jsonb),
+           e.value->>'k'
+      from jsonb_array_elements(p_batch) with ordinality as e
+$$;
+
+-- One INSERT for every send that needs one, in (conversation, position)
+-- order; the before-insert trigger draws ids in that order, so the n-th new
+-- id answers the n-th send inserted. A send that a concurrent transaction
+-- stored meanwhile (same client_id) leaves a gap in that pairing: then this
+-- raises, and the batch goes one by one.
+create or replace function parley_post_messages_together(p_batch jsonb)
+returns table (idx integer, status integer, body text, code text, message text)
+language plpgsql
+set search_path from current
+as $$
 declare
-    v_item jsonb;
+    v_answers jsonb;
+    v_sent bigint;
+    v_stored bigint;
+begin
+    with item as (
+        select i.*,
+               case when i.s is null
+                    then exists (select 1 from conversations v where v.id = i.c)
+                    else exists (select 1 from participants p
+                                  where p.conversation_id = i.c and p.user_id = i.s)
+               end as allowed,
+               (select x from messages x
+                 where i.k is not null
+                   and x.conversation_id = i.c
+                   and coalesce(x.sender_id, '') = coalesce(i.s, '')
+                   and x.client_id = i.k) as prior
+          from parley_batch_items(p_batch) i),
+    sent as (
+        select i.*, row_number() over (order by i.c, i.idx) as rank
+          from item i
+         where i.allowed and (i.prior).id is null),
+    fresh as (
+        insert into messages as x (conversation_id, sender_id, type, content, metadata, client_id)
+        select i.c, i.s, i.t, i.b, i.m, i.k
+          from sent i
+         order by i.rank
+        on conflict (conversation_id, coalesce(sender_id, ''), client_id)
+           where client_id is not null
+        do nothing
+        returning x.id,
+                  parley_message_json(x, (select name from users where id = x.sender_id),
+                      not exists (select 1 from participants q
+                                   where q.conversation_id = x.conversation_id
+                                     and q.user_id is distinct from x.sender_id)) as json),
+    stored as (
+        select f.json, row_number() over (order by f.id) as rank
+          from fresh f),
+    answer as (
+        select i.idx, 404 as status, null::text as body, 'not_found' as code,
+               'no such conversation, or not a participant' as message
+          from item i
+         where not i.allowed
+        union all
+        select i.idx, 409, null, 'conflict',
+               'this client_id was already used for a different message'
+          from item i
+         where i.allowed and (i.prior).id is not null
+           and ((i.prior).type <> i.t or (i.prior).content <> i.b
+                or (i.prior).metadata is distinct from i.m)
+        union all
+        select i.idx, 200,
+               json_build_object('status', 'duplicate',
+                                 'message', parley_message_json((i.prior).id))::text,
+               null, null
+          from item i
+         where i.allowed and (i.prior).id is not null
+           and (i.prior).type = i.t and (i.prior).content = i.b
+           and (i.prior).metadata is not distinct from i.m
+        union all
+        select i.idx, 200,
+               json_build_object('status', 'created', 'message', f.json)::text,
+               null, null
+          from sent i
+          join stored f using (rank))
+    select coalesce(jsonb_agg(to_jsonb(a)), '[]'),
+           (select count(*) from sent), (select count(*) from stored)
+      into v_answers, v_sent, v_stored
+      from answer a;
+
+    if v_sent <> v_stored then
+        raise exception 'parley_post_messages: a send was stored meanwhile';
+    end if;
+    return query
+        select (a->>'idx')::integer, (a->>'status')::integer, a->>'body',
+               a->>'code', a->>'message'
+          from jsonb_array_elements(v_answers) a;
+end
+$$;
+
+-- One parley_post_message per send, each in its own subtransaction.
+create or replace function parley_post_messages_each(p_batch jsonb)
+returns table (idx integer, status integer, body text, code text, message text)
+language plpgsql
+set search_path from current
+as $$
+declare
+    v_item record;
     v_state text;
     v_detail text;
 begin
-    for idx, v_item in
-        select (e.ordinality - 1)::integer, e.value
-          from jsonb_array_elements(p_batch) with ordinality as e
-         order by (e.value->>'c')::bigint, e.ordinality
-    loop
+    for v_item in select * from parley_batch_items(p_batch) i order by i.c, i.idx loop
+        idx := v_item.idx;
         begin
-            body := parley_post_message((v_item->>'c')::bigint, v_item->>'s',
-                                        v_item->>'t', v_item->>'b',
-                                        v_item->'m', v_item->>'k');
+            body := parley_post_message(v_item.c, v_item.s, v_item.t, v_item.b,
+                                        v_item.m, v_item.k);
             status := 200;
             code := null;
             message := null;

@@ -19,8 +19,9 @@
  * transaction per message caps a server at a few thousand messages a
  * second whatever its C code does. Each worker therefore keeps one write
  * in flight: sends that arrive meanwhile wait here and go together in the
- * next round trip (parley_post_messages, one transaction). Under light
- * load a batch is one message and costs what a single write costs.
+ * next round trip (parley_post_messages, one transaction, one INSERT of
+ * all of them). Under light load a batch is one message and costs what a
+ * single write costs.
  *
  * A send is acknowledged only after its batch committed. A socket has one
  * send in flight at a time, so its sends keep their order.
@@ -38,7 +39,6 @@
 struct batch_item {
 	TAILQ_ENTRY(batch_item)	list;
 	struct session		*session;
-	int64_t			conversation_id;
 	struct kore_buf		json;
 };
 
@@ -50,7 +50,6 @@ struct batch {
 };
 
 static void	batch_flush(void);
-static int	batch_has_conversation(struct batch *, int64_t);
 static void	batch_done(struct db_result *, void *);
 
 static struct batch_list	batch_pending = TAILQ_HEAD_INITIALIZER(batch_pending);
@@ -64,7 +63,6 @@ batch_submit(struct session *s, struct message_in *m)
 
 	item = kore_calloc(1, sizeof(*item));
 	item->session = s;
-	item->conversation_id = s->conversation_id;
 	s->batch_item = item;
 
 	kore_buf_init(&item->json, 128 + m->content_len);
@@ -117,7 +115,7 @@ static void
 batch_flush(void)
 {
 	struct batch		*b;
-	struct batch_item	*item, *next;
+	struct batch_item	*item;
 	struct kore_buf		array;
 	const char		*params[1];
 
@@ -128,11 +126,8 @@ batch_flush(void)
 	kore_buf_init(&array, 4096);
 	kore_buf_append(&array, "[", 1);
 
-	for (item = TAILQ_FIRST(&batch_pending);
-	    item != NULL && b->count < BATCH_MAX; item = next) {
-		next = TAILQ_NEXT(item, list);
-		if (batch_has_conversation(b, item->conversation_id))
-			continue;
+	while ((item = TAILQ_FIRST(&batch_pending)) != NULL &&
+	    b->count < BATCH_MAX) {
 		TAILQ_REMOVE(&batch_pending, item, list);
 		if (b->count > 0)
 			kore_buf_append(&array, ",", 1);
@@ -146,25 +141,6 @@ batch_flush(void)
 	(void)db_query("SELECT idx, status, body, code, message "
 	    "FROM parley_post_messages($1::jsonb)", 1, params, batch_done, b);
 	kore_buf_cleanup(&array);
-}
-
-/*
- * One message per conversation and batch: a transaction that updates the
- * same conversation, participant and notification rows again and again
- * leaves a chain of row versions that every later update walks, which
- * makes a busy conversation's batch quadratic. The rest wait one turn.
- */
-static int
-batch_has_conversation(struct batch *b, int64_t id)
-{
-	int		i;
-
-	for (i = 0; i < b->count; i++) {
-		if (b->items[i]->conversation_id == id)
-			return (1);
-	}
-
-	return (0);
 }
 
 static void

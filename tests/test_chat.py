@@ -837,8 +837,8 @@ def _write_blocked(conn):
 def test_sends_sharing_a_write_batch_are_answered_each(server, conn, sockets,
                                                        conversation_lock):
     """The server writes the sends that arrive while a write is in flight
-    in the next round trip (sql/007_batch.sql, one message per conversation
-    and batch). Each keeps its own outcome: a refused or malformed send must
+    in the next round trip (sql/007_batch.sql, one INSERT for the batch).
+    Each keeps its own outcome: a refused or malformed send must
     not fail the others, and two sockets of one user sending the same
     client_id get one message and the same ack, whichever worker and batch
     they went through."""

@@ -796,3 +796,109 @@ def test_a_dead_node_sends_each_user_offline_once(conn, listener):
     assert sorted(presence_events(listener, conv)) == ["offline", "offline"]
     assert one(conn, "select count(*) from parley_sockets where node = %s", node) == 0
     assert one(conn, "select count(*) from parley_nodes where node = %s", node) == 0
+
+
+# ---------------------------------------------------------------------------------
+# write batches (sql/007_batch.sql) and multi-row inserts: one statement, the
+# effects of one insert per message
+# ---------------------------------------------------------------------------------
+
+def batch(conn, fn, items):
+    """{idx: (status, body or None, code)} of one batch call."""
+    got = rows(conn, f"select idx, status, body, code from {fn}(%s::jsonb)",
+               json.dumps(items))
+    return {i: (s, json.loads(b) if b else None, c) for i, s, b, c in got}
+
+
+def test_multi_row_insert_has_the_effects_of_one_insert_per_message(conn, listener):
+    a, b, c = touch(conn, "Ana", "Bob", "Cy")
+    one_conv = create(conn, a, [a, b, c])["conversation"]["id"]
+    other = create(conn, a, [a, b])["conversation"]["id"]
+    with conn.cursor() as cur:
+        cur.execute("insert into messages (conversation_id, sender_id, content) "
+                    "values (%s, %s, 'one'), (%s, %s, 'two'), (%s, %s, 'three'), "
+                    "(%s, %s, 'four') returning id",
+                    (one_conv, b, one_conv, c, other, a, one_conv, b))
+        ids = [r[0] for r in cur.fetchall()]
+    assert ids == sorted(ids)
+    last = {conv: one(conn, "select last_message_id from conversations where id = %s", conv)
+            for conv in (one_conv, other)}
+    assert last == {one_conv: ids[3], other: ids[2]}
+    assert [participant(conn, one_conv, u)[0] for u in (a, b, c)] == [3, 1, 2]
+    assert [participant(conn, other, u)[0] for u in (a, b)] == [0, 1]
+    notes = {(n[0], n[1]): (n[2], n[3]["message"]["id"]) for n in rows(
+        conn, "select user_id, conversation_id, count, payload from notifications "
+              "where conversation_id in (%s, %s) and type = 'new_message'", one_conv, other)}
+    # per recipient: how many messages from others, and the latest of them
+    assert notes == {(a, one_conv): (3, ids[3]), (b, one_conv): (1, ids[1]),
+                     (c, one_conv): (2, ids[3]), (b, other): (1, ids[2])}
+    events = [e for e in listener.collect() if e[0] == "m" and e[2] in (one_conv, other)]
+    assert [e[1] for e in events] == ids
+    frames = [json.loads(e[4])["message"] for e in events]
+    assert [(f["content"], f["sender_name"], f["is_read"]) for f in frames] == \
+        [("one", "Bob", False), ("two", "Cy", False), ("three", "Ana", False),
+         ("four", "Bob", False)]
+
+
+@pytest.mark.parametrize("fn", ["parley_post_messages_together", "parley_post_messages"])
+def test_a_batch_answers_each_send(conn, listener, fn):
+    a, b, eve = touch(conn, "Ana", "Bob", "Eve")
+    convs = [create(conn, a, [a, b], kind="job", ref=str(i))["conversation"]["id"]
+             for i in range(5)]
+    alone = create(conn, a, [a])["conversation"]["id"]
+    earlier = call_json(conn, POST, convs[3], a, "TEXT", "kept", None, "k-1")["message"]
+    earlier2 = call_json(conn, POST, convs[4], a, "TEXT", "kept", None, "k-2")["message"]
+    items = [{"c": convs[0], "s": b, "t": "TEXT", "b": "plain"},
+             {"c": convs[1], "s": a, "t": "LOCATION", "b": "here",
+              "m": {"lat": 1}, "k": "new"},
+             {"c": convs[2], "s": eve, "t": "TEXT", "b": "intruder"},
+             {"c": convs[3], "s": a, "t": "TEXT", "b": "kept", "k": "k-1"},
+             {"c": convs[4], "s": a, "t": "TEXT", "b": "changed", "k": "k-2"},
+             {"c": alone, "s": a, "t": "TEXT", "b": "to myself"}]
+    got = batch(conn, fn, items)
+
+    assert sorted(got) == list(range(6))
+    assert got[0][0] == 200 and got[0][1]["status"] == "created"
+    assert got[0][1]["message"]["sender_name"] == "Bob"
+    assert got[1][0] == 200 and got[1][1]["message"]["metadata"] == {"lat": 1}
+    assert got[1][1]["message"]["message_type"] == "LOCATION"
+    assert got[2] == (404, None, "not_found")
+    assert got[3] == (200, {"status": "duplicate", "message": earlier}, None)
+    assert got[4] == (409, None, "conflict")
+    assert got[5][1]["message"]["is_read"] is True        # nobody else to read it
+    for i in (0, 1, 5):
+        stored = one(conn, "select parley_message_json(%s)", got[i][1]["message"]["id"])
+        assert stored == got[i][1]["message"]
+    assert [participant(conn, c, a)[0] for c in convs] == [1, 0, 0, 0, 0]
+    assert one(conn, "select count(*) from messages where conversation_id = any(%s)",
+               convs) == 4
+    created = [got[i][1]["message"]["id"] for i in (0, 1, 5)]
+    events = [e for e in listener.collect() if e[0] == "m" and e[2] in convs + [alone]]
+    # one live frame per stored message: none for the repeat, conflict or refusal
+    assert sorted(e[1] for e in events) == sorted(created + [earlier["id"], earlier2["id"]])
+
+
+def test_a_batch_the_single_insert_refuses_goes_one_by_one(conn):
+    a, b = touch(conn, "Ana", "Bob")
+    convs = [create(conn, a, [a, b], kind="job", ref=str(i))["conversation"]["id"]
+             for i in range(2)]
+    # the insert trigger refuses an unknown type: the whole statement fails
+    bad = [{"c": convs[0], "s": a, "t": "TEXT", "b": "fine"},
+           {"c": convs[1], "s": a, "t": "BOGUS", "b": "refused"}]
+    expect_px(conn, 400, "invalid_payload",
+              "select * from parley_post_messages_together(%s::jsonb)", json.dumps(bad))
+    got = batch(conn, "parley_post_messages", bad)
+    assert got[0][0] == 200 and got[0][1]["message"]["content"] == "fine"
+    assert got[1] == (400, None, "invalid_payload")
+    # several sends of one conversation: ids in batch order, one update per row
+    several = [{"c": convs[1], "s": a, "t": "TEXT", "b": "first"},
+               {"c": convs[0], "s": b, "t": "TEXT", "b": "elsewhere"},
+               {"c": convs[1], "s": b, "t": "TEXT", "b": "second"},
+               {"c": convs[1], "s": a, "t": "TEXT", "b": "third"}]
+    got = batch(conn, "parley_post_messages_together", several)
+    contents = {i: got[i][1]["message"]["content"] for i in got}
+    assert contents == {0: "first", 1: "elsewhere", 2: "second", 3: "third"}
+    assert got[0][1]["message"]["id"] < got[2][1]["message"]["id"] < got[3][1]["message"]["id"]
+    assert [participant(conn, convs[1], u)[0] for u in (a, b)] == [1, 2]
+    assert one(conn, "select last_message_id from conversations where id = %s",
+               convs[1]) == got[3][1]["message"]["id"]
