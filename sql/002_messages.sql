@@ -89,17 +89,6 @@ begin
 end
 $$;
 
--- Whether a user disabled a notification type (stored, but not pushed).
-create or replace function parley_type_disabled(p_user text, p_type text) returns boolean
-language plpgsql stable
-set search_path from current
-as $$
-begin
-    return exists (select 1 from notification_preferences
-                    where user_id = p_user and p_type = any (disabled_types));
-end
-$$;
-
 -- Unread stored notifications of a user (all types: disabled ones are listed too).
 create or replace function parley_unread_notifications(p_user text) returns integer
 language plpgsql stable

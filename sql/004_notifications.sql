@@ -85,27 +85,51 @@ $$;
 
 -- Every insert, and every update that changes what the user sees, of an unread
 -- notification is pushed to the user, whoever wrote it (a service call, the
--- new_message collapse, another program's INSERT); disabled types are stored only.
-create or replace function parley_notifications_push() returns trigger
+-- new_message collapse, another program's INSERT). Statement-level: the
+-- collapse of a message to a big conversation updates a row per recipient in
+-- one statement, and these take them all in one query. Which rows are
+-- pushed: parley_notification_pushed (005_sockets.sql, with the sockets).
+create or replace function parley_notifications_inserted() returns trigger
 language plpgsql
 set search_path from current
 as $$
+declare
+    n notifications;
 begin
-    if not parley_type_disabled(new.user_id, new.type) then
-        perform parley_emit('n', new.id, 0, new.user_id, parley_notification_json(new, null));
-    end if;
+    for n in select i.* from inserted i
+              where i.read_at is null and parley_notification_pushed(i.user_id, i.type)
+              order by i.id loop
+        perform parley_emit('n', n.id, 0, n.user_id, parley_notification_json(n, null));
+    end loop;
     return null;
 end
 $$;
 
-create trigger notifications_push_insert after insert on notifications
-    for each row when (new.read_at is null)
-    execute function parley_notifications_push();
-create trigger notifications_push_update after update on notifications
-    for each row when (new.read_at is null
-                       and (old.type, old.payload, old.count, old.created_at)
-                           is distinct from (new.type, new.payload, new.count, new.created_at))
-    execute function parley_notifications_push();
+create or replace function parley_notifications_updated() returns trigger
+language plpgsql
+set search_path from current
+as $$
+declare
+    n notifications;
+begin
+    for n in select i.* from updated i join previous o using (id)
+              where i.read_at is null
+                and (o.type, o.payload, o.count, o.created_at)
+                    is distinct from (i.type, i.payload, i.count, i.created_at)
+                and parley_notification_pushed(i.user_id, i.type)
+              order by i.id loop
+        perform parley_emit('n', n.id, 0, n.user_id, parley_notification_json(n, null));
+    end loop;
+    return null;
+end
+$$;
+
+create trigger notifications_inserted after insert on notifications
+    referencing new table as inserted
+    for each statement execute function parley_notifications_inserted();
+create trigger notifications_updated after update on notifications
+    referencing old table as previous new table as updated
+    for each statement execute function parley_notifications_updated();
 
 -- The service call: store (for users not seen yet too) and push (via the trigger).
 -- new_message is Parley's own type. A missing (SQL null) payload is an empty one.

@@ -213,6 +213,22 @@ begin
 end
 $$;
 
+-- Whether a stored notification is pushed live (the triggers of 004): only
+-- to a user with a notification socket open somewhere, and not for a type
+-- the user disabled (stored only). Building the live frame (with its unread totals) and one NOTIFY per
+-- recipient is most of what a message costs in a big conversation, and is
+-- wasted on users who are not connected: a socket that opens later gets the
+-- totals in its ready frame and replays what it missed with sync.
+create or replace function parley_notification_pushed(p_user text, p_type text)
+returns boolean
+language sql stable
+as $$
+    select exists (select 1 from parley_live_sockets() s
+                    where s.user_id = p_user and s.conversation_id is null)
+       and not exists (select 1 from notification_preferences np
+                        where np.user_id = p_user and p_type = any (np.disabled_types))
+$$;
+
 -- Live frames (no replay key) after a message id: what a worker delivers to
 -- its sockets after its LISTEN connection was down.
 create or replace function parley_catchup(p_conversation bigint, p_after bigint,
@@ -226,23 +242,4 @@ as $$
      where m.conversation_id = p_conversation and m.id > p_after
      order by m.id
      limit p_limit
-$$;
-
--- Push a notification only to a user with a notification socket open
--- somewhere. Building the live frame (with its unread totals) and one NOTIFY
--- per recipient is most of what a message costs in a big conversation, and
--- is wasted on users who are not connected. A socket that opens later gets
--- the totals in its ready frame and replays what it missed with sync.
-create or replace function parley_notifications_push() returns trigger
-language plpgsql
-set search_path from current
-as $$
-begin
-    if exists (select 1 from parley_live_sockets() s
-                where s.user_id = new.user_id and s.conversation_id is null)
-       and not parley_type_disabled(new.user_id, new.type) then
-        perform parley_emit('n', new.id, 0, new.user_id, parley_notification_json(new, null));
-    end if;
-    return null;
-end
 $$;
