@@ -91,9 +91,11 @@ def tree_rss_kb(pid):
 
 
 def machine_ticks():
+    """(all ticks, idle ticks, steal ticks): steal is time the hypervisor
+    gave to other guests, busy for nobody on this machine."""
     v = [int(x) for x in read("/proc/stat").splitlines()[0].split()[1:]]
     idle = v[3] + v[4]
-    return sum(v[:8]), idle
+    return sum(v[:8]), idle, v[7]
 
 
 def machine():
@@ -197,8 +199,9 @@ def measure(argv):
                           "user_s": round(gen_user, 3),
                           "sys_s": round(gen_sys, 3),
                           "pct_of_core": share(gen_user + gen_sys)},
-            "machine_busy_pct": round(100.0 * (dt - (m1[1] - m0[1])) / dt, 1)
-            if dt else None,
+            "machine_busy_pct": round(100.0 * (dt - (m1[1] - m0[1]) - (m1[2] - m0[2]))
+                                      / dt, 1) if dt else None,
+            "machine_steal_pct": round(100.0 * (m1[2] - m0[2]) / dt, 1) if dt else None,
             "cores": os.cpu_count(),
         },
         "server_rss_kb": {"before": rss0, "peak": peak[0], "after": rss1},
@@ -291,11 +294,18 @@ def window_cpu(step, t0, t1):
     busy = None
     if a[4] and b[4] and b[4][0] > a[4][0]:
         tot = b[4][0] - a[4][0]
-        busy = round(100.0 * (tot - (b[4][1] - a[4][1])) / tot, 1)
+        busy = round(100.0 * (tot - (b[4][1] - a[4][1]) - (b[4][2] - a[4][2])) / tot, 1)
     return {"from_s": a[0], "to_s": b[0],
             "server_pct": round(100 * (b[1] - a[1]) / dt, 1) if a[1] is not None else None,
             "postgres_pct": round(100 * (b[2] - a[2]) / dt, 1) if a[2] is not None else None,
             "machine_busy_pct": busy}
+
+
+def busy_cell(c):
+    """The machine busy cell: busy share, and the steal share beside it."""
+    if c.get("machine_steal_pct") is None:
+        return fmt(c["machine_busy_pct"])
+    return "%s (%s)" % (fmt(c["machine_busy_pct"]), fmt(c["machine_steal_pct"]))
 
 
 def cpu_of(step):
@@ -310,6 +320,7 @@ def cpu_of(step):
             "postgres_pct": c["postgres"]["pct_of_core"],
             "generator_pct": c["generator"]["pct_of_core"],
             "machine_busy_pct": c["machine_busy_pct"],
+            "machine_steal_pct": c.get("machine_steal_pct"),
             "server_cpu_s": c["server"]["cpu_s"],
             "postgres_cpu_s": c["postgres"]["cpu_s"],
             "generator_cpu_s": c["generator"]["cpu_s"]}
@@ -426,7 +437,8 @@ def summary(path):
     w("Parameters: %s\n\n" % ", ".join("%s=%s" % (k, v) for k, v in p.items()
                                        if k not in ("git", "pg_settings")))
     cpu_hdr = ("server %CPU | postgres %CPU | generator %CPU | "
-               "anything else %CPU | machine busy % of all cores")
+               "anything else %CPU | machine busy % of all cores "
+               "(hypervisor steal %)")
     n = r["scenario"]
     if n == "idle":
         w("| sockets | open at end | conn errors | processes | connect phase s "
@@ -466,7 +478,7 @@ def summary(path):
                 "%s (%s)" % (fmt(lg.get("lost")), fmt(lg.get("lost_of_messages_seen"))),
                 fmt(lg.get("duplicates")), fmt(errs), fmt(c["server_pct"]),
                 fmt(c["postgres_pct"]), fmt(c["generator_pct"]),
-                fmt(c["other_pct"]), fmt(c["machine_busy_pct"]),
+                fmt(c["other_pct"]), busy_cell(c),
                 fmt(lg.get("loadgen_cpu", {}).get("traffic_pct_of_core"))))
     elif n == "pgbench":
         w("| clients | tps | latency avg ms | failed | %s |\n" % cpu_hdr)
@@ -479,7 +491,7 @@ def summary(path):
                 fmt(pg.get("latency_avg_ms"), 3), fmt(pg.get("failed"), 0),
                 fmt(c["server_pct"]), fmt(c["postgres_pct"]),
                 fmt(c["generator_pct"]), fmt(c["other_pct"]),
-                fmt(c["machine_busy_pct"])))
+                busy_cell(c)))
     elif n == "history":
         w("| run | req/s | p50 ms | p99 ms | max ms | non-2xx | socket errors | %s |\n"
           % cpu_hdr)
@@ -496,7 +508,7 @@ def summary(path):
                 fmt(sum(v for kk, v in e.items() if kk != "status") if e else None),
                 fmt(c["server_pct"]), fmt(c["postgres_pct"]),
                 fmt(c["generator_pct"]), fmt(c["other_pct"]),
-                fmt(c["machine_busy_pct"])))
+                busy_cell(c)))
     w("\nVerdict: `%s`\n" % json.dumps(r["verdict"]))
     if n == "idle":
         s = r["steps"][0]

@@ -12,8 +12,11 @@ create unlogged table parley_nodes (
     seen_at timestamptz not null default now()
 );
 
+-- No foreign key to parley_nodes: its check would lock the node's row for
+-- every socket opened (the rows of a node are forgotten with it, in
+-- parley_nodes_forget, and a socket of a node with no row is not live).
 create unlogged table parley_sockets (
-    node            text not null references parley_nodes on delete cascade,
+    node            text not null,
     socket_id       bigint not null,
     user_id         text not null,
     conversation_id bigint,         -- null for a notification socket
@@ -69,8 +72,9 @@ begin
         perform parley_fail(429, 'too_many_connections',
                             'this user already has the maximum number of sockets open');
     end if;
-    insert into parley_nodes (node) values (p_node)
-        on conflict (node) do update set seen_at = now();
+    -- The node's heartbeat keeps seen_at; updating it here too would queue
+    -- every socket opening of a worker on that one row.
+    insert into parley_nodes (node) values (p_node) on conflict (node) do nothing;
     insert into parley_sockets (node, socket_id, user_id, conversation_id)
         values (p_node, p_socket, p_user, p_conversation);
 end

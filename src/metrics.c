@@ -23,6 +23,7 @@
 #include <sys/types.h>
 #include <sys/mman.h>
 
+#include <stdint.h>
 #include <string.h>
 
 #include "parley.h"
@@ -80,6 +81,38 @@ void
 metrics_socket_open(int kind, int delta)
 {
 	metrics_mine()->sockets_open[kind] += delta;
+}
+
+/*
+ * Whether this worker holds more sockets than the least loaded worker.
+ * Kore hands new connections to the worker that holds its accept lock, and
+ * a worker keeps the lock until it is full: without a hand-over, one
+ * worker would hold every socket (and do every write) while the others
+ * idle. The socket counts live here, so the decision does too.
+ */
+int
+metrics_sockets_above_least(void)
+{
+	u_int64_t	mine, least, n;
+	int		id, k, workers;
+
+	if (worker == NULL || metrics_slots == NULL)
+		return (0);
+
+	mine = 0;
+	least = UINT64_MAX;
+	workers = worker_count - KORE_WORKER_BASE;
+	for (id = 1; id <= workers; id++) {
+		n = 0;
+		for (k = 0; k < METRICS_SOCKET_KINDS; k++)
+			n += metrics_slots[id].sockets_open[k];
+		if (id == worker->id)
+			mine = n;
+		if (n < least)
+			least = n;
+	}
+
+	return (mine > least);
 }
 
 void

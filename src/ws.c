@@ -162,6 +162,8 @@ ws_on_connect(struct connection *c)
 	s->tokens = parley_cfg.rate_messages * 3;
 	TAILQ_INSERT_TAIL(&ws_sessions, s, all_list);
 	metrics_socket_open(s->kind, 1);
+	if (metrics_sockets_above_least())
+		kore_worker_make_busy();
 
 	if (s->auth != AUTH_OK || s->ident.service) {
 		ws_reject(s, s->auth);
