@@ -84,22 +84,20 @@ metrics_socket_open(int kind, int delta)
 }
 
 /*
- * Whether this worker holds more sockets than the least loaded worker.
- * Kore hands new connections to the worker that holds its accept lock, and
- * a worker keeps the lock until it is full: without a hand-over, one
- * worker would hold every socket (and do every write) while the others
- * idle. The socket counts live here, so the decision does too.
+ * This worker's share of the sockets: above zero when it holds more than
+ * the least loaded worker, below zero when it holds fewer than the most
+ * loaded one, zero when they are even.
  */
 int
-metrics_sockets_above_least(void)
+metrics_socket_share(void)
 {
-	u_int64_t	mine, least, n;
+	u_int64_t	mine, least, most, n;
 	int		id, k, workers;
 
 	if (worker == NULL || metrics_slots == NULL)
 		return (0);
 
-	mine = 0;
+	mine = most = 0;
 	least = UINT64_MAX;
 	workers = worker_count - KORE_WORKER_BASE;
 	for (id = 1; id <= workers; id++) {
@@ -110,9 +108,15 @@ metrics_sockets_above_least(void)
 			mine = n;
 		if (n < least)
 			least = n;
+		if (n > most)
+			most = n;
 	}
 
-	return (mine > least);
+	if (mine > least)
+		return (1);
+	if (mine < most)
+		return (-1);
+	return (0);
 }
 
 void

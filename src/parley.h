@@ -322,7 +322,7 @@ int	rest_finish_created(struct db_result *, int, struct kore_buf *);
 void	metrics_init(void);
 void	metrics_worker_start(void);
 void	metrics_socket_open(int, int);
-int	metrics_sockets_above_least(void);
+int	metrics_socket_share(void);
 void	metrics_message_stored(void);
 void	metrics_frames_sent(u_int64_t);
 void	metrics_db_error(void);

@@ -38,6 +38,7 @@
 #define WS_EVENTS_MAX		64
 #define WS_SWEEP_MS		1000
 #define WS_NODE_BEAT_MS		10000
+#define WS_BALANCE_MS		20
 #define WS_CLOSE_GRACE_MS	10000
 #define WS_SYNC_DEFAULT		200
 #define WS_SYNC_MAX		500
@@ -59,6 +60,7 @@ static void	ws_sweep(void *, u_int64_t);
 static void	ws_node_beat(void *, u_int64_t);
 static void	ws_run_loop(u_int64_t, int (*)(void));
 static int	ws_sends_pending(void);
+static void	ws_balance(void *, u_int64_t);
 static int	ws_queries_pending(void);
 
 void	ws_on_connect(struct connection *);
@@ -83,6 +85,7 @@ ws_init(void)
 
 	(void)kore_timer_add(ws_sweep, WS_SWEEP_MS, NULL, 0);
 	(void)kore_timer_add(ws_node_beat, WS_NODE_BEAT_MS, NULL, 0);
+	(void)kore_timer_add(ws_balance, WS_BALANCE_MS, NULL, 0);
 }
 
 /*
@@ -162,8 +165,7 @@ ws_on_connect(struct connection *c)
 	s->tokens = parley_cfg.rate_messages * 3;
 	TAILQ_INSERT_TAIL(&ws_sessions, s, all_list);
 	metrics_socket_open(s->kind, 1);
-	if (metrics_sockets_above_least())
-		kore_worker_make_busy();
+	ws_balance(NULL, 0);
 
 	if (s->auth != AUTH_OK || s->ident.service) {
 		ws_reject(s, s->auth);
@@ -935,6 +937,26 @@ ws_sweep(void *unused, u_int64_t now)
 			ws_send_frame(s, ping, sizeof(ping));
 		}
 	}
+}
+
+/*
+ * Kore gives new connections to the worker that holds its accept lock,
+ * which keeps it until it is full: left alone, one worker would hold every
+ * socket (and make every write) while the others idle. A worker with more
+ * sockets than the least loaded one hands the lock over, at each new
+ * socket and every WS_BALANCE_MS; one with fewer than the most loaded asks
+ * for it (Kore only tries to take the lock when told it is free).
+ */
+static void
+ws_balance(void *unused, u_int64_t now)
+{
+	int	share;
+
+	share = metrics_socket_share();
+	if (share > 0)
+		kore_worker_make_busy();
+	else if (share < 0 && !worker->has_lock)
+		kore_msg_send(worker->id, KORE_MSG_ACCEPT_AVAILABLE, NULL, 0);
 }
 
 static void

@@ -1383,73 +1383,82 @@ def test_several_sockets_everything_arrives(server, conn, sockets):
     _exchange_everything(conn, socks, conv)
 
 
-def test_users_on_two_different_workers(binary, pg, conn, sockets, tmp_path):
-    """Kore 4.1 lets the worker holding the accept lock keep it until it is
-    busy (worker_max_connections or http_request_limit), so on an idle
-    server every socket lands on the same worker. The server is started
-    with a descriptor limit of 1024 (worker_max_connections is then a few
-    hundred, see parley_set_limits), and filler sockets fill the first
-    worker until the second one accepts: a is then on one worker and b on
-    the other."""
-    wrapper = tmp_path / "parley-nofile"
-    wrapper.write_text("#!/bin/sh\nulimit -n 1024 || exit 1\n"
-                       "exec %s \"$@\"\n" % binary)
-    wrapper.chmod(0o755)
-    env = {"PARLEY_LISTEN": "127.0.0.1:%d" % free_port(),
-           "PARLEY_WORKERS": "2", "PARLEY_DATABASE_URL": pg.url,
-           "PARLEY_JWT_SECRET": SECRET}
-    srv = Server(str(wrapper), env)
-    socks = {}
-    fill = []
-    try:
-        srv.start()
-        workers = {str(p) for p in srv.worker_pids()}
-        assert len(workers) == 2, workers
-        a, b = new_id(), new_id()
-        conv = create_conversation(conn, [a, b])
-        socks = {a: [join(sockets, srv, conv, a, "Ann") for _ in range(2)]}
-        # a's first notification tab lands where a's chat sockets are.
-        tab1 = WS(srv, "/ws/notifications/", make_token(a, "Ann"))
-        fill.append(tab1)
-        assert tab1.recv()["type"] == "ready"
-        first = _socket_nodes(conn, a)
-        assert len(first) == 1
-        fillers = [new_id() for _ in range(32)]
-        for i in range(32 * 30):
-            w = WS(srv, "/ws/notifications/", make_token(fillers[i % 32]))
-            fill.append(w)
-            assert w.recv()["type"] == "ready"
-            if i % 50 == 49 and _socket_nodes(conn, *fillers) == workers:
-                break
-        assert _socket_nodes(conn, *fillers) == workers, len(fill)
-        socks[b] = [join(sockets, srv, conv, b, "Bob") for _ in range(2)]
-        assert _socket_nodes(conn, a) != _socket_nodes(conn, b), \
-            "a and b on the same worker"
-        # a's second notification tab lands on the other worker: a
-        # notification reaches both tabs (issue: two tabs, two workers).
-        tab2 = WS(srv, "/ws/notifications/", make_token(a, "Ann"))
-        fill.append(tab2)
-        assert tab2.recv()["type"] == "ready"
-        assert _socket_nodes(conn, a) == workers
-        note = sql_one(conn, "SELECT parley_post_notification(%s, "
-                       "'friend_request', '{\"from_user\": {\"id\": \"7\"}}')", a)
-        note_id = json.loads(note)["id"]
-        for tab in (tab1, tab2):
-            got = tab.recv_type("friend_request")
-            assert got["id"] == note_id and got["from_user"] == {"id": "7"}
-        # b's arrival was announced to a across workers
-        assert socks[a][0].recv_type("presence")["user_id"] == b
-        _exchange_everything(conn, socks, conv)
-        socks[b][0].close()
-        socks[b][1].close()
-        p = socks[a][0].recv_until(lambda f: f["type"] == "presence" and
-                                   f["status"] == "offline")
-        assert p["user_id"] == b
-        assert not srv.problems(), srv.problems()
-    finally:
-        for w in fill:
-            w.close()
-        srv.destroy()
+def _latest_node(conn, user):
+    """The worker pid (as a string) of the user's newest socket."""
+    return sql_one(conn, "SELECT split_part(node, '-', 1) FROM parley_sockets "
+                   "WHERE user_id = %s ORDER BY opened_at DESC LIMIT 1", user)
+
+
+def _open_elsewhere(conn, open_socket, user, avoid):
+    """Open sockets of `user` until one lands on a worker not in `avoid`;
+    one that lands there is closed again. Parley hands Kore's accept lock
+    to the less loaded worker, so the first try nearly always does."""
+    def count():
+        return sql_one(conn, "SELECT count(*) FROM parley_sockets "
+                       "WHERE user_id = %s", user)
+    before = count()
+    for _ in range(10):
+        ws = open_socket()
+        if _latest_node(conn, user) not in avoid:
+            return ws
+        ws.close()
+        wait_for(lambda: count() == before, 10, what="the closed socket forgotten")
+    raise AssertionError("every socket of %s landed on %s" % (user, avoid))
+
+
+def test_sockets_spread_over_the_workers(make_server, conn, sockets):
+    """Kore gives a new connection to the worker holding its accept lock,
+    and a worker keeps the lock until it is full; Parley's workers hand it
+    over (ws_balance), so on a fresh, idle server sockets still spread."""
+    srv = make_server()
+    u = new_id()
+    conv = create_conversation(conn, [u, new_id()])
+    for _ in range(12):
+        join(sockets, srv, conv, u)
+    per_worker = dict(sql_rows(conn, "SELECT split_part(node, '-', 1), count(*) "
+                               "FROM parley_sockets WHERE user_id = %s GROUP BY 1", u))
+    assert set(per_worker) == {str(p) for p in srv.worker_pids()}, per_worker
+    assert min(per_worker.values()) >= 5, per_worker
+
+
+def test_users_on_two_different_workers(server, conn, sockets):
+    """a and b on different workers see each other's messages, typing,
+    reads and presence; a's two notification tabs on different workers
+    both get a notification."""
+    a, b = new_id(), new_id()
+    conv = create_conversation(conn, [a, b])
+    wa = join(sockets, server, conv, a, "Ann")
+    node_a = _latest_node(conn, a)
+    wb = _open_elsewhere(conn, lambda: join(sockets, server, conv, b, "Bob"),
+                         b, {node_a})
+    assert _socket_nodes(conn, a) != _socket_nodes(conn, b)
+    # b's arrival was announced to a across workers
+    p = wa.recv_until(lambda f: f["type"] == "presence" and f["status"] == "online")
+    assert p["user_id"] == b
+
+    tab1 = sockets(server, "/ws/notifications/", make_token(a, "Ann"))
+    assert tab1.recv()["type"] == "ready"
+    first_tab = _latest_node(conn, a)
+
+    def second_tab():
+        tab = sockets(server, "/ws/notifications/", make_token(a, "Ann"))
+        assert tab.recv()["type"] == "ready"
+        return tab
+    tab2 = _open_elsewhere(conn, second_tab, a, {first_tab})
+    note = sql_one(conn, "SELECT parley_post_notification(%s, "
+                   "'friend_request', '{\"from_user\": {\"id\": \"7\"}}')", a)
+    note_id = json.loads(note)["id"]
+    for tab in (tab1, tab2):
+        got = tab.recv_type("friend_request")
+        assert got["id"] == note_id and got["from_user"] == {"id": "7"}
+
+    socks = {a: [wa, join(sockets, server, conv, a, "Ann")],
+             b: [wb, join(sockets, server, conv, b, "Bob")]}
+    _exchange_everything(conn, socks, conv)
+    for w in socks[b]:
+        w.close()
+    p = wa.recv_until(lambda f: f["type"] == "presence" and f["status"] == "offline")
+    assert p["user_id"] == b
 
 
 def test_second_instance_shares_the_database(server, make_server, conn,
