@@ -92,6 +92,7 @@ $$;
 create or replace function parley_notifications_inserted() returns trigger
 language plpgsql
 set search_path from current
+set enable_seqscan = off        -- the socket registry, see 005_sockets.sql
 as $$
 declare
     n notifications;
@@ -108,6 +109,7 @@ $$;
 create or replace function parley_notifications_updated() returns trigger
 language plpgsql
 set search_path from current
+set enable_seqscan = off        -- the socket registry, see 005_sockets.sql
 as $$
 declare
     n notifications;

@@ -21,7 +21,9 @@ create unlogged table parley_sockets (
     user_id         text not null,
     conversation_id bigint,         -- null for a notification socket
     opened_at       timestamptz not null default now(),
-    primary key (node, socket_id)
+    -- socket_id first: a key led by node would tempt the planner to read a
+    -- whole node's sockets (BitmapAnd with the user index) to find one user's
+    primary key (socket_id, node)
 );
 
 create index parley_sockets_user on parley_sockets (user_id);
@@ -32,6 +34,12 @@ create index parley_sockets_conversation on parley_sockets (conversation_id, use
 create or replace function parley_node_ttl() returns interval
 language sql immutable as $$ select interval '30 seconds' $$;
 
+-- The registry goes from a few rows to tens of thousands within seconds (a
+-- reconnect storm) and back, faster than statistics follow: a plan made
+-- while it was small scans it whole, and a storm then costs the square of
+-- its size. The functions that read it therefore carry SET enable_seqscan =
+-- off (lookups by user or conversation always go through the indexes).
+--
 -- No SET clause on these two: it would keep the planner from inlining them.
 create or replace function parley_live_sockets() returns setof parley_sockets
 language sql stable
@@ -87,6 +95,7 @@ create or replace function parley_chat_open(p_node text, p_socket bigint,
 returns text
 language plpgsql
 set search_path from current
+set enable_seqscan = off
 as $$
 declare
     v_ready json;
@@ -119,6 +128,7 @@ create or replace function parley_notify_open(p_node text, p_socket bigint,
 returns text
 language plpgsql
 set search_path from current
+set enable_seqscan = off
 as $$
 declare
     v_ready json;
@@ -142,6 +152,7 @@ create or replace function parley_socket_close(p_node text, p_socket bigint,
 returns void
 language plpgsql
 set search_path from current
+set enable_seqscan = off
 as $$
 declare
     v_sock parley_sockets;
@@ -168,6 +179,7 @@ create or replace function parley_nodes_forget(p_nodes text[])
 returns void
 language plpgsql
 set search_path from current
+set enable_seqscan = off
 as $$
 declare
     v_gone record;
