@@ -89,7 +89,7 @@ $$;
 -- collapse of a message to a big conversation updates a row per recipient in
 -- one statement, and these take them all in one query. Which rows are
 -- pushed: parley_notification_pushed (005_sockets.sql, with the sockets).
-create or replace function parley_notifications_inserted() returns trigger
+create or replace function parley_notifications_push(p_ids bigint[]) returns void
 language plpgsql
 set search_path from current
 set enable_seqscan = off        -- the socket registry, see 005_sockets.sql
@@ -97,31 +97,32 @@ as $$
 declare
     n notifications;
 begin
-    for n in select i.* from inserted i
-              where i.read_at is null and parley_notification_pushed(i.user_id, i.type)
-              order by i.id loop
+    for n in select * from notifications
+              where id = any (p_ids) and parley_notification_pushed(user_id, type)
+              order by id loop
         perform parley_emit('n', n.id, 0, n.user_id, parley_notification_json(n, null));
     end loop;
+end
+$$;
+
+create or replace function parley_notifications_inserted() returns trigger
+language plpgsql
+as $$
+begin
+    perform parley_notifications_push(array(select id from inserted where read_at is null));
     return null;
 end
 $$;
 
 create or replace function parley_notifications_updated() returns trigger
 language plpgsql
-set search_path from current
-set enable_seqscan = off        -- the socket registry, see 005_sockets.sql
 as $$
-declare
-    n notifications;
 begin
-    for n in select i.* from updated i join previous o using (id)
-              where i.read_at is null
-                and (o.type, o.payload, o.count, o.created_at)
-                    is distinct from (i.type, i.payload, i.count, i.created_at)
-                and parley_notification_pushed(i.user_id, i.type)
-              order by i.id loop
-        perform parley_emit('n', n.id, 0, n.user_id, parley_notification_json(n, null));
-    end loop;
+    perform parley_notifications_push(array(
+        select i.id from updated i join previous o using (id)
+         where i.read_at is null
+           and (o.type, o.payload, o.count, o.created_at)
+               is distinct from (i.type, i.payload, i.count, i.created_at)));
     return null;
 end
 $$;
