@@ -1389,20 +1389,22 @@ def _latest_node(conn, user):
                    "WHERE user_id = %s ORDER BY opened_at DESC LIMIT 1", user)
 
 
-def _open_elsewhere(conn, open_socket, user, avoid):
-    """Open sockets of `user` until one lands on a worker not in `avoid`;
-    one that lands there is closed again. Parley hands Kore's accept lock
-    to the less loaded worker, so the first try nearly always does."""
+def _open_elsewhere(conn, open_socket, user, avoid, filler):
+    """Open sockets of `user` until one lands on a worker not in `avoid`.
+    Parley gives new sockets to the less loaded worker, so one that lands
+    in `avoid` is closed again, and filler() opens a socket of someone else
+    (kept open) to even the load out first."""
     def count():
         return sql_one(conn, "SELECT count(*) FROM parley_sockets "
                        "WHERE user_id = %s", user)
     before = count()
-    for _ in range(10):
+    for _ in range(60):
         ws = open_socket()
         if _latest_node(conn, user) not in avoid:
             return ws
         ws.close()
         wait_for(lambda: count() == before, 10, what="the closed socket forgotten")
+        filler()
     raise AssertionError("every socket of %s landed on %s" % (user, avoid))
 
 
@@ -1436,8 +1438,12 @@ def test_users_on_two_different_workers(server, conn, sockets):
     conv = create_conversation(conn, [a, b])
     wa = join(sockets, server, conv, a, "Ann")
     node_a = _latest_node(conn, a)
+    def filler():
+        ws = sockets(server, "/ws/notifications/", make_token(new_id()))
+        assert ws.recv()["type"] == "ready"
+
     wb = _open_elsewhere(conn, lambda: join(sockets, server, conv, b, "Bob"),
-                         b, {node_a})
+                         b, {node_a}, filler)
     assert _socket_nodes(conn, a) != _socket_nodes(conn, b)
     # b's arrival was announced to a across workers
     p = wa.recv_until(lambda f: f["type"] == "presence" and f["status"] == "online")
@@ -1451,7 +1457,7 @@ def test_users_on_two_different_workers(server, conn, sockets):
         tab = sockets(server, "/ws/notifications/", make_token(a, "Ann"))
         assert tab.recv()["type"] == "ready"
         return tab
-    tab2 = _open_elsewhere(conn, second_tab, a, {first_tab})
+    tab2 = _open_elsewhere(conn, second_tab, a, {first_tab}, filler)
     note = sql_one(conn, "SELECT parley_post_notification(%s, "
                    "'friend_request', '{\"from_user\": {\"id\": \"7\"}}')", a)
     note_id = json.loads(note)["id"]
