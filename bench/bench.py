@@ -66,28 +66,27 @@ def tree(pid, kids=None):
     return out
 
 
+def tree_sum(pid, value):
+    """value(stat fields) summed over the process and its live descendants."""
+    if not pid:
+        return None
+    total = 0
+    for p in tree(pid):
+        f = stat_fields(p)
+        if f is not None:
+            total += value(f)
+    return total
+
+
 def tree_cpu(pid):
     """Seconds of CPU of the process, its live descendants and every
     descendant already reaped (cutime/cstime)."""
-    if not pid:
-        return None
-    total = 0
-    for p in tree(pid):
-        f = stat_fields(p)
-        if f is not None:
-            total += sum(int(x) for x in f[11:15])
-    return total / TICK
+    ticks = tree_sum(pid, lambda f: sum(int(x) for x in f[11:15]))
+    return None if ticks is None else ticks / TICK
 
 
 def tree_rss_kb(pid):
-    if not pid:
-        return None
-    total = 0
-    for p in tree(pid):
-        f = stat_fields(p)
-        if f is not None:
-            total += int(f[21]) * PAGE // 1024
-    return total
+    return tree_sum(pid, lambda f: int(f[21]) * PAGE // 1024)
 
 
 def machine_ticks():

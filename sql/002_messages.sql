@@ -161,6 +161,18 @@ as $$
         'is_read', p_is_read)
 $$;
 
+-- The message object of a message just inserted: nobody has read it yet, so it
+-- is read only when nobody but its sender is there to read it. (No SET clause:
+-- inlined into its callers, which pin search_path.)
+create or replace function parley_new_message_json(m messages) returns json
+language sql stable
+as $$
+    select parley_message_json(m, (select name from users where id = m.sender_id),
+                               not exists (select 1 from participants q
+                                            where q.conversation_id = m.conversation_id
+                                              and q.user_id is distinct from m.sender_id))
+$$;
+
 -- The message object of one stored message (null when there is none).
 create or replace function parley_message_json(p_id bigint) returns json
 language plpgsql stable
@@ -251,8 +263,7 @@ $$;
 -- one statement): the conversations' last-message fields, the other
 -- participants' unread counts, the live frames and the collapsed new_message
 -- notifications. Set-based, so a batch costs these few statements rather than
--- a few per message. A new message has no reader yet: it is read only when
--- nobody but its sender is there to read it.
+-- a few per message.
 create or replace function parley_messages_inserted() returns trigger
 language plpgsql
 set search_path from current
@@ -284,13 +295,8 @@ begin
     -- holds the conversation's lock), and NOTIFY keeps it.
     for r in
         select i.id, i.conversation_id,
-               parley_message_event(parley_message_json(i, u.name,
-                   not exists (select 1 from participants q
-                                where q.conversation_id = i.conversation_id
-                                  and q.user_id is distinct from i.sender_id)),
-                   false) as frame
+               parley_message_event(parley_new_message_json(i), false) as frame
           from inserted i
-          left join users u on u.id = i.sender_id
          order by i.id
     loop
         perform parley_emit('m', r.id, r.conversation_id, null, r.frame);
@@ -443,11 +449,8 @@ begin
                                   v_type, v_content, v_metadata);
     end if;
     -- Rendered from the inserted row, as the trigger renders the live frame.
-    return json_build_object('status', 'created', 'message',
-        parley_message_json(m, (select name from users where id = p_sender),
-                            not exists (select 1 from participants
-                                         where conversation_id = p_conversation
-                                           and user_id is distinct from p_sender)))::text;
+    return json_build_object('status', 'created',
+                             'message', parley_new_message_json(m))::text;
 end
 $$;
 

@@ -91,11 +91,7 @@ begin
         on conflict (conversation_id, coalesce(sender_id, ''), client_id)
            where client_id is not null
         do nothing
-        returning x.id,
-                  parley_message_json(x, (select name from users where id = x.sender_id),
-                      not exists (select 1 from participants q
-                                   where q.conversation_id = x.conversation_id
-                                     and q.user_id is distinct from x.sender_id)) as json),
+        returning x.id, parley_new_message_json(x) as json),
     stored as (
         select f.json, row_number() over (order by f.id) as rank
           from fresh f),

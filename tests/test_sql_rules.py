@@ -195,6 +195,24 @@ def finish(box, timeout=10.0):
     return box["result"]
 
 
+def race(pg, conn, first_call, second_call):
+    """first_call(c1) in one open transaction, then second_call(c2) in another
+    that must block on the first's locks; the first commits, then the second.
+    Returns both results."""
+    first, second = connect(pg), connect(pg)
+    try:
+        r1 = first_call(first)
+        box = run_in_thread(second_call, second)
+        wait_blocked(conn, second.get_backend_pid())
+        first.commit()
+        r2 = finish(box)
+        second.commit()
+    finally:
+        first.close()
+        second.close()
+    return r1, r2
+
+
 # ---------------------------------------------------------------------------------
 # the write path: a plain INSERT into messages
 # ---------------------------------------------------------------------------------
@@ -366,18 +384,9 @@ def test_post_message_access(conn):
 def test_concurrent_identical_sends_store_one_row(pg, conn):
     a, b = touch(conn, "Ana", "Bob")
     conv = create(conn, a, [a, b])["conversation"]["id"]
-    first = connect(pg)
-    second = connect(pg)
-    try:
-        r1 = json.loads(one(first, POST, conv, a, "TEXT", "same", None, "dup-1"))
-        box = run_in_thread(one, second, POST, conv, a, "TEXT", "same", None, "dup-1")
-        wait_blocked(conn, second.get_backend_pid())
-        first.commit()
-        r2 = json.loads(finish(box))
-        second.commit()
-    finally:
-        first.close()
-        second.close()
+    r1, r2 = race(pg, conn,
+                  lambda c: json.loads(one(c, POST, conv, a, "TEXT", "same", None, "dup-1")),
+                  lambda c: json.loads(one(c, POST, conv, a, "TEXT", "same", None, "dup-1")))
     assert r1["status"] == "created" and r2["status"] == "duplicate"
     assert r1["message"]["id"] == r2["message"]["id"]
     assert one(conn, "select count(*) from messages where conversation_id = %s", conv) == 1
@@ -431,18 +440,8 @@ def test_get_or_create_on_member_set_and_context(conn):
 def test_concurrent_creates_make_one_conversation(pg, conn):
     a, b = touch(conn, "Ana", "Bob")
     ref = uuid.uuid4().hex
-    first = connect(pg)
-    second = connect(pg)
-    try:
-        r1 = create(first, a, [a, b], kind="job", ref=ref)
-        box = run_in_thread(create, second, b, [b, a], None, "job", ref)
-        wait_blocked(conn, second.get_backend_pid())
-        first.commit()
-        r2 = finish(box)
-        second.commit()
-    finally:
-        first.close()
-        second.close()
+    r1, r2 = race(pg, conn, lambda c: create(c, a, [a, b], kind="job", ref=ref),
+                  lambda c: create(c, b, [b, a], None, "job", ref))
     assert r1["created"] is True and r2["created"] is False
     assert r1["conversation"]["id"] == r2["conversation"]["id"]
     assert one(conn, "select count(*) from conversations where context_ref = %s", ref) == 1
@@ -508,18 +507,9 @@ def test_mark_read_racing_a_send_keeps_unread_exact(pg, conn):
     a, b = touch(conn, "Ana", "Bob")
     conv = create(conn, a, [a, b])["conversation"]["id"]
     insert_message(conn, conv, b, "old")
-    writer = connect(pg)
-    reader = connect(pg)
-    try:
-        m = insert_message(writer, conv, b, "new")     # has bumped a's unread, not committed
-        box = run_in_thread(one, reader, "select parley_mark_read(%s, %s, null)", conv, a)
-        wait_blocked(conn, reader.get_backend_pid())
-        writer.commit()
-        r = json.loads(finish(box))
-        reader.commit()
-    finally:
-        writer.close()
-        reader.close()
+    # the send has bumped a's unread, not committed, when the read runs
+    m, r = race(pg, conn, lambda c: insert_message(c, conv, b, "new"),
+                lambda c: json.loads(one(c, "select parley_mark_read(%s, %s, null)", conv, a)))
     assert r == {"unread_count": 0, "message_id": m, "moved": True}
     assert participant(conn, conv, a)[:2] == (0, m)
 
@@ -746,20 +736,10 @@ def test_two_tabs_closing_at_once_make_one_offline(pg, conn, listener):
     for t in tabs:
         chat_open(conn, conv, a, t)
     assert presence_events(listener, conv) == ["online"]
-    first, second = connect(pg), connect(pg)
-    try:
-        # the first close is not committed when the second runs: without a
-        # per-user lock each saw the other tab still open and nobody went offline
-        one(first, "select parley_socket_close('sql-rules-node', %s, false)", tabs[0])
-        box = run_in_thread(one, second,
-                            "select parley_socket_close('sql-rules-node', %s, false)", tabs[1])
-        wait_blocked(conn, second.get_backend_pid())
-        first.commit()
-        finish(box)
-        second.commit()
-    finally:
-        first.close()
-        second.close()
+    # the first close is not committed when the second runs: without a
+    # per-user lock each saw the other tab still open and nobody went offline
+    close = "select parley_socket_close('sql-rules-node', %s, false)"
+    race(pg, conn, lambda c: one(c, close, tabs[0]), lambda c: one(c, close, tabs[1]))
     assert presence_events(listener, conv) == ["offline"]
     assert one(conn, "select parley_user_online(%s, %s)", conv, a) is False
 
@@ -767,17 +747,8 @@ def test_two_tabs_closing_at_once_make_one_offline(pg, conn, listener):
 def test_two_tabs_opening_at_once_make_one_online(pg, conn, listener):
     a, b = touch(conn, "Ana", "Bob")
     conv = create(conn, a, [a, b])["conversation"]["id"]
-    first, second = connect(pg), connect(pg)
-    try:
-        chat_open(first, conv, a, next(SOCKETS))
-        box = run_in_thread(chat_open, second, conv, a, next(SOCKETS))
-        wait_blocked(conn, second.get_backend_pid())
-        first.commit()
-        ready = json.loads(finish(box))
-        second.commit()
-    finally:
-        first.close()
-        second.close()
+    _, ready = race(pg, conn, lambda c: chat_open(c, conv, a, next(SOCKETS)),
+                    lambda c: json.loads(chat_open(c, conv, a, next(SOCKETS))))
     assert presence_events(listener, conv) == ["online"]
     assert ready["online"] == [a]
 
