@@ -23,31 +23,40 @@ create table conversations (
     member_hash      text not null,
     last_message_id  bigint,
     last_message_at  timestamptz,
+    -- Messages stored in it: unread counts derive from it (participants.read_count).
+    message_count    bigint not null default 0,
     created_at       timestamptz not null default now(),
     updated_at       timestamptz not null default now()
-);
+) with (fillfactor = 70);
 
 -- "No context matches no context": nulls must collide here (PostgreSQL 15).
 create unique index conversations_key
     on conversations (member_hash, context_kind, context_ref) nulls not distinct;
 -- No index on updated_at: every message updates it, and an index on it would
--- make each of those updates a non-HOT one. Lists are per user: they reach
+-- make each of those updates a non-HOT one (the fillfactor keeps room on each
+-- page for those HOT updates). Lists are per user: they reach
 -- conversations through participants_user and sort a user's few rows.
 
 create table participants (
     conversation_id       bigint not null references conversations (id) on delete cascade,
     user_id               text not null references users (id),
     role                  text,
-    unread_count          integer not null default 0,
+    -- How many of the conversation's messages this participant has read or
+    -- sent; unread = conversations.message_count - read_count. So a message
+    -- writes its sender's row, not every other participant's (a 1,000-member
+    -- conversation used to rewrite 999 rows per message). Set on insert to the
+    -- conversation's count (a new member starts with nothing unread), moved by
+    -- reads (002_messages.sql).
+    read_count            bigint not null default 0,
     last_read_message_id  bigint not null default 0,
     muted                 boolean not null default false,
     joined_at             timestamptz not null default now(),
     primary key (conversation_id, user_id)
-);
+) with (fillfactor = 80);
 
 -- A user's conversations (list, /api/unread, totals). Nothing indexes
--- unread_count: every message bumps it for every other participant, and those
--- updates stay HOT only while no index (or index predicate) mentions it.
+-- read_count: its updates stay HOT only while no index (or index predicate)
+-- mentions it.
 create index participants_user on participants (user_id, conversation_id);
 
 -- Message ids come from this sequence, drawn by the BEFORE INSERT trigger only after
@@ -96,7 +105,7 @@ create table notifications (
     count            integer not null default 1,          -- messages a new_message stands for
     created_at       timestamptz not null default clock_timestamp(),
     read_at          timestamptz
-);
+) with (fillfactor = 70);          -- room for HOT updates of collapsed new_message rows
 
 -- The collapse key: at most one unread new_message per user and conversation.
 create unique index notifications_collapse

@@ -83,11 +83,42 @@ language plpgsql stable
 set search_path from current
 as $$
 begin
-    return (select coalesce(sum(unread_count), 0)
-              from participants
-             where user_id = p_user and unread_count > 0 and not muted);
+    return (select coalesce(sum(c.message_count - p.read_count), 0)
+              from participants p
+              join conversations c on c.id = p.conversation_id
+             where p.user_id = p_user and not p.muted);
 end
 $$;
+
+-- Unread messages of a user in one conversation (0 for a non-participant).
+create or replace function parley_unread_count(p_conversation bigint, p_user text)
+returns bigint
+language plpgsql stable
+set search_path from current
+as $$
+begin
+    return coalesce((select c.message_count - p.read_count
+                       from participants p
+                       join conversations c on c.id = p.conversation_id
+                      where p.conversation_id = p_conversation and p.user_id = p_user), 0);
+end
+$$;
+
+-- A new participant has read nothing yet but has nothing unread either:
+-- they start at the conversation's current count (any program's INSERT).
+create or replace function parley_participants_before_insert() returns trigger
+language plpgsql
+set search_path from current
+as $$
+begin
+    new.read_count := coalesce((select message_count from conversations
+                                 where id = new.conversation_id), 0);
+    return new;
+end
+$$;
+
+create trigger participants_before_insert before insert on participants
+    for each row execute function parley_participants_before_insert();
 
 -- Unread stored notifications of a user (all types: disabled ones are listed too).
 create or replace function parley_unread_notifications(p_user text) returns integer
@@ -260,10 +291,11 @@ end
 $$;
 
 -- After each INSERT statement, over all its rows at once (a batch of sends is
--- one statement): the conversations' last-message fields, the other
--- participants' unread counts, the live frames and the collapsed new_message
--- notifications. Set-based, so a batch costs these few statements rather than
--- a few per message.
+-- one statement): the live frames, then in one statement the conversations'
+-- last-message fields and counts, the senders' read counts and the collapsed
+-- new_message notifications. Set-based, so a batch costs these two statements
+-- rather than a few per message, and per recipient it writes one row (the
+-- notification) whatever the number of messages.
 create or replace function parley_messages_inserted() returns trigger
 language plpgsql
 set search_path from current
@@ -271,26 +303,6 @@ as $$
 declare
     r record;
 begin
-    update conversations c
-       set last_message_id = l.id,
-           last_message_at = l.created_at,
-           updated_at = l.created_at
-      from (select distinct on (conversation_id) conversation_id, id, created_at
-              from inserted
-             order by conversation_id, id desc) l
-     where c.id = l.conversation_id;
-
-    -- Everyone but the sender (everyone for SYSTEM) has one more unread message.
-    update participants p
-       set unread_count = p.unread_count + x.n
-      from (select q.conversation_id, q.user_id, count(*)::integer as n
-              from inserted i
-              join participants q on q.conversation_id = i.conversation_id
-                                 and q.user_id is distinct from i.sender_id
-             group by q.conversation_id, q.user_id) x
-     where p.conversation_id = x.conversation_id
-       and p.user_id = x.user_id;
-
     -- In id order: per conversation that is commit order (the insert trigger
     -- holds the conversation's lock), and NOTIFY keeps it.
     for r in
@@ -302,33 +314,70 @@ begin
         perform parley_emit('m', r.id, r.conversation_id, null, r.frame);
     end loop;
 
-    -- The collapsed new_message notification: one unread per user and
-    -- conversation, updated in place (same id) with the latest message from
-    -- someone else and the number of messages it stands for. Its insert/update
-    -- trigger (004_notifications.sql) sends the 'n' event with the live counts.
+    -- The notification is collapsed: one unread per user and conversation,
+    -- updated in place (same id) with the latest message from someone else and
+    -- the number of messages it stands for. A sender's stands for the others'
+    -- messages only (none: no notification). Its insert/update trigger
+    -- (004_notifications.sql) sends the 'n' event with the live counts.
+    with per_conversation as (
+        select distinct on (conversation_id) conversation_id, id, created_at,
+               count(*) over (partition by conversation_id) as n
+          from inserted
+         order by conversation_id, id desc),
+    per_sender as (
+        select s.conversation_id, s.sender_id, s.n,
+               (select max(i.id) from inserted i
+                 where i.conversation_id = s.conversation_id
+                   and i.sender_id is distinct from s.sender_id) as latest_other
+          from (select conversation_id, sender_id, count(*) as n
+                  from inserted
+                 where sender_id is not null
+                 group by conversation_id, sender_id) s),
+    conversations_moved as (
+        update conversations c
+           set last_message_id = l.id,
+               last_message_at = l.created_at,
+               updated_at = l.created_at,
+               message_count = c.message_count + l.n
+          from per_conversation l
+         where c.id = l.conversation_id),
+    -- Everyone else has these messages unread now (message_count moved); a
+    -- sender's own count as read.
+    senders_read as (
+        update participants p
+           set read_count = p.read_count + s.n
+          from per_sender s
+         where p.conversation_id = s.conversation_id
+           and p.user_id = s.sender_id),
+    -- The payload of each message that may become someone's notification
+    -- (built once per message, not once per recipient).
+    payloads as materialized (
+        select i.id, i.conversation_id, i.created_at,
+               jsonb_build_object(
+                   'conversation_id', i.conversation_id,
+                   'from_user', case when i.sender_id is not null
+                                     then jsonb_build_object('id', i.sender_id,
+                                              'username', coalesce(u.name, 'user ' || i.sender_id)) end,
+                   'message', jsonb_build_object('id', i.id, 'content', i.content)) as payload
+          from inserted i
+          left join users u on u.id = i.sender_id),
+    recipients as (
+        select q.user_id, m.conversation_id, m.payload, m.created_at,
+               l.n - coalesce(s.n, 0) as n
+          from per_conversation l
+          join participants q on q.conversation_id = l.conversation_id and not q.muted
+          left join per_sender s on s.conversation_id = q.conversation_id
+                                and s.sender_id = q.user_id
+          join payloads m on m.id = case when s.sender_id is null then l.id
+                                         else s.latest_other end
+         where l.n > coalesce(s.n, 0)
+           and not exists (select 1 from notification_preferences np
+                            where np.user_id = q.user_id
+                              and 'new_message' = any (np.disabled_types)))
     insert into notifications as n (user_id, type, payload, conversation_id, count, created_at)
-    select x.user_id, 'new_message',
-           jsonb_build_object(
-               'conversation_id', x.conversation_id,
-               'from_user', case when x.sender_id is not null
-                                 then jsonb_build_object('id', x.sender_id,
-                                          'username', coalesce(u.name, 'user ' || x.sender_id)) end,
-               'message', jsonb_build_object('id', x.id, 'content', x.content)),
-           x.conversation_id, x.n, x.created_at
-      from (select q.user_id, i.conversation_id, i.id, i.sender_id, i.content, i.created_at,
-                   count(*) over w as n,
-                   row_number() over (w order by i.id desc) as latest
-              from inserted i
-              join participants q on q.conversation_id = i.conversation_id
-                                 and q.user_id is distinct from i.sender_id
-                                 and not q.muted
-             where not exists (select 1 from notification_preferences np
-                                where np.user_id = q.user_id
-                                  and 'new_message' = any (np.disabled_types))
-            window w as (partition by q.user_id, i.conversation_id)) x
-      left join users u on u.id = x.sender_id
-     where x.latest = 1
-     order by x.user_id, x.conversation_id          -- a stable lock order
+    select x.user_id, 'new_message', x.payload, x.conversation_id, x.n, x.created_at
+      from recipients x
+     order by x.user_id collate "C", x.conversation_id      -- a stable lock order
     on conflict (user_id, conversation_id) where type = 'new_message' and read_at is null
     do update set payload = excluded.payload,
                   created_at = excluded.created_at,
@@ -492,13 +541,14 @@ declare
     v_last bigint;
     v_pos bigint;
     v_unread integer;
+    v_count bigint;
     v_now timestamptz := clock_timestamp();
     v_ids bigint[];
 begin
-    -- Lock our participant row first. A message insert that already bumped our
-    -- unread_count commits before we get the lock, so the recount below (a later
-    -- statement, hence a newer snapshot) sees it; later inserts wait for us and
-    -- bump the recounted value.
+    -- Lock our participant row first: a batch with messages of ours cannot
+    -- commit (it adds to our read_count) until we do, and then adds to the
+    -- count we wrote. Other messages are either in the recount's snapshot, in
+    -- both its message_count and its count of unread, or in neither.
     select last_read_message_id into v_old
       from participants
      where conversation_id = p_conversation and user_id = p_user
@@ -510,15 +560,18 @@ begin
     select coalesce(last_message_id, 0) into v_last from conversations where id = p_conversation;
     v_pos := greatest(v_old, least(coalesce(p_message_id, v_last), v_last));
 
-    select count(*) into v_unread
-      from messages
-     where conversation_id = p_conversation and id > v_pos
-       and sender_id is distinct from p_user;
+    select c.message_count,
+           (select count(*) from messages m
+             where m.conversation_id = p_conversation and m.id > v_pos
+               and m.sender_id is distinct from p_user)
+      into v_count, v_unread
+      from conversations c
+     where c.id = p_conversation;
 
     update participants
-       set last_read_message_id = v_pos, unread_count = v_unread
+       set last_read_message_id = v_pos, read_count = v_count - v_unread
      where conversation_id = p_conversation and user_id = p_user
-       and (last_read_message_id, unread_count) is distinct from (v_pos, v_unread);
+       and (last_read_message_id, read_count) is distinct from (v_pos, v_count - v_unread);
 
     if v_pos > v_old then
         perform parley_emit('e', 0, p_conversation, null,
@@ -559,7 +612,7 @@ declare
     v_answer text;
 begin
     select json_build_object('last_message_id', c.last_message_id,
-                             'unread_count', p.unread_count)::text
+                             'unread_count', c.message_count - p.read_count)::text
       into v_answer
       from participants p
       join conversations c on c.id = p.conversation_id

@@ -22,7 +22,7 @@ begin
                            join users u on u.id = p.user_id
                           where p.conversation_id = c.id),
         'last_message', parley_message_json(c.last_message_id),
-        'unread_count', coalesce(v.unread_count, 0),
+        'unread_count', coalesce(c.message_count - v.read_count, 0),
         'muted', coalesce(v.muted, false),
         'updated_at', parley_ts(c.updated_at))
       from conversations c
@@ -241,11 +241,12 @@ begin
     return json_build_object(
         'total', parley_total_unread(p_user),
         'conversations', coalesce(
-            (select json_agg(json_build_object('id', conversation_id,
-                                               'unread_count', unread_count,
-                                               'muted', muted)
-                             order by conversation_id)
-               from participants
-              where user_id = p_user and unread_count > 0), '[]'))::text;
+            (select json_agg(json_build_object('id', p.conversation_id,
+                                               'unread_count', c.message_count - p.read_count,
+                                               'muted', p.muted)
+                             order by p.conversation_id)
+               from participants p
+               join conversations c on c.id = p.conversation_id
+              where p.user_id = p_user and c.message_count > p.read_count), '[]'))::text;
 end
 $$;

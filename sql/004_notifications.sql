@@ -60,9 +60,7 @@ begin
         case when n.type = 'new_message' then
             json_build_object(
                 'count', n.count,
-                'unread_count', coalesce((select unread_count from participants
-                                           where conversation_id = n.conversation_id
-                                             and user_id = n.user_id), 0),
+                'unread_count', parley_unread_count(n.conversation_id, n.user_id),
                 'total_unread', parley_total_unread(n.user_id))::text
         end,
         p_tail::text);
@@ -88,18 +86,15 @@ $$;
 -- new_message collapse, another program's INSERT). Statement-level: the
 -- collapse of a message to a big conversation updates a row per recipient in
 -- one statement, and these take them all in one query. Which rows are
--- pushed: parley_notification_pushed (005_sockets.sql, with the sockets).
+-- pushed: parley_pushed_notifications (005_sockets.sql, with the sockets).
 create or replace function parley_notifications_push(p_ids bigint[]) returns void
 language plpgsql
 set search_path from current
-set enable_seqscan = off        -- the socket registry, see 005_sockets.sql
 as $$
 declare
     n notifications;
 begin
-    for n in select * from notifications
-              where id = any (p_ids) and parley_notification_pushed(user_id, type)
-              order by id loop
+    for n in select * from parley_pushed_notifications(p_ids) loop
         perform parley_emit('n', n.id, 0, n.user_id, parley_notification_json(n, null));
     end loop;
 end

@@ -229,20 +229,26 @@ begin
 end
 $$;
 
--- Whether a stored notification is pushed live (the triggers of 004): only
--- to a user with a notification socket open somewhere, and not for a type
--- the user disabled (stored only). Building the live frame (with its unread totals) and one NOTIFY per
--- recipient is most of what a message costs in a big conversation, and is
--- wasted on users who are not connected: a socket that opens later gets the
--- totals in its ready frame and replays what it missed with sync.
-create or replace function parley_notification_pushed(p_user text, p_type text)
-returns boolean
+-- Which of these stored notifications are pushed live (the triggers of 004):
+-- those of users with a notification socket open somewhere, except types the
+-- user disabled (stored only). Building the live frame (with its unread
+-- totals) and one NOTIFY per recipient is most of what a message costs in a
+-- big conversation, and is wasted on users who are not connected: a socket
+-- that opens later gets the totals in its ready frame and replays what it
+-- missed with sync. One set-based query for the whole statement's rows.
+create or replace function parley_pushed_notifications(p_ids bigint[])
+returns setof notifications
 language sql stable
+set search_path from current
+set enable_seqscan = off        -- the socket registry, see above
 as $$
-    select exists (select 1 from parley_live_sockets() s
-                    where s.user_id = p_user and s.conversation_id is null)
+    select n.* from notifications n
+     where n.id = any (p_ids)
+       and n.user_id in (select s.user_id from parley_live_sockets() s
+                          where s.conversation_id is null)
        and not exists (select 1 from notification_preferences np
-                        where np.user_id = p_user and p_type = any (np.disabled_types))
+                        where np.user_id = n.user_id and n.type = any (np.disabled_types))
+     order by n.id
 $$;
 
 -- Live frames (no replay key) after a message id: what a worker delivers to

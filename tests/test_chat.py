@@ -970,8 +970,7 @@ def test_read_receipts(server, conn, sockets, pair):
         assert rr["conversation_id"] == conv and rr["user_id"] == b
         assert rr["message_id"] == ids[1]
         assert TS.match(rr["read_at"])
-    assert sql_one(conn, "SELECT unread_count FROM participants WHERE "
-                   "conversation_id = %s AND user_id = %s", conv, b) == 1
+    assert sql_one(conn, "SELECT parley_unread_count(%s, %s)", conv, b) == 1
 
     # a read that does not move the position sends nothing
     b1.send({"type": "read", "message_id": ids[0]})
@@ -990,7 +989,8 @@ def test_read_receipts(server, conn, sockets, pair):
     for ws in (wa, b1, b2):
         rr = ws.recv_type("read_receipt")
         assert rr["message_id"] == sentinel_id
-    assert sql_rows(conn, "SELECT last_read_message_id, unread_count FROM "
+    assert sql_rows(conn, "SELECT last_read_message_id, "
+                    "parley_unread_count(conversation_id, user_id) FROM "
                     "participants WHERE conversation_id = %s AND "
                     "user_id = %s", conv, b) == [(sentinel_id, 0)]
 
@@ -1513,7 +1513,8 @@ def test_plain_sql_insert_arrives_live(server, conn, sockets, pair):
     # unread counts moved: b has both, a has the SYSTEM one
     assert join(sockets, server, conv, b, nb).ready["unread_count"] == 2
     assert join(sockets, server, conv, a, na).ready["unread_count"] == 1
-    assert sql_rows(conn, "SELECT user_id, unread_count FROM participants "
+    assert sql_rows(conn, "SELECT user_id, parley_unread_count(conversation_id, user_id) "
+                    "FROM participants "
                     "WHERE conversation_id = %s ORDER BY user_id = %s",
                     conv, b) == [(a, 1), (b, 2)]
 

@@ -193,8 +193,7 @@ def test_muted_conversation_creates_none(server, conn, sockets, pair):
     assert not [f for f in frames if f["type"] == "new_message"], frames
     assert new_message_rows(conn, b, conv) == []
     # still counted as unread in the conversation, but not in the totals
-    assert sql_one(conn, "SELECT unread_count FROM participants WHERE "
-                   "conversation_id = %s AND user_id = %s", conv, b) == 2
+    assert sql_one(conn, "SELECT parley_unread_count(%s, %s)", conv, b) == 2
     other = create_conversation(conn, [a, b], kind="k", ref=new_id())
     sql_insert_message(conn, other, a, "loud")
     ev = nb_ws.recv_type("new_message")

@@ -101,7 +101,8 @@ def insert_message(conn, conv, sender, content, type_=None):
 
 
 def participant(conn, conv, user):
-    return rows(conn, "select unread_count, last_read_message_id, muted from participants "
+    return rows(conn, "select parley_unread_count(conversation_id, user_id), "
+                      "last_read_message_id, muted from participants "
                       "where conversation_id = %s and user_id = %s", conv, user)[0]
 
 
@@ -506,12 +507,39 @@ def test_mark_read_never_moves_back(conn, listener):
 def test_mark_read_racing_a_send_keeps_unread_exact(pg, conn):
     a, b = touch(conn, "Ana", "Bob")
     conv = create(conn, a, [a, b])["conversation"]["id"]
-    insert_message(conn, conv, b, "old")
-    # the send has bumped a's unread, not committed, when the read runs
+    old = insert_message(conn, conv, b, "old")
+    # The send is not committed when the read runs: the read covers what was
+    # committed, and waits on the new_message notification the send updated.
     m, r = race(pg, conn, lambda c: insert_message(c, conv, b, "new"),
                 lambda c: json.loads(one(c, "select parley_mark_read(%s, %s, null)", conv, a)))
+    assert r == {"unread_count": 0, "message_id": old, "moved": True}
+    # the racing message stays unread, and so does the notification standing for it
+    assert participant(conn, conv, a)[:2] == (1, old)
+    assert rows(conn, "select (payload->'message'->>'id')::bigint, read_at is null "
+                      "from notifications where user_id = %s and conversation_id = %s",
+                a, conv) == [(m, True)]
+    # a read after the commit covers it
+    r = json.loads(one(conn, "select parley_mark_read(%s, %s, null)", conv, a))
     assert r == {"unread_count": 0, "message_id": m, "moved": True}
     assert participant(conn, conv, a)[:2] == (0, m)
+
+
+def test_mark_read_racing_own_send_keeps_unread_exact(pg, conn):
+    a, b = touch(conn, "Ana", "Bob")
+    conv = create(conn, a, [a, b])["conversation"]["id"]
+    first = insert_message(conn, conv, b, "hi")
+    read = "select parley_mark_read(%s, %s, null)"
+    # a's send holds a's participant row (its read count): the read waits for it
+    m, r = race(pg, conn, lambda c: insert_message(c, conv, a, "mine"),
+                lambda c: json.loads(one(c, read, conv, a)))
+    assert r == {"unread_count": 0, "message_id": m, "moved": True}
+    # a read holding the row: a's send waits, then adds to what the read wrote
+    insert_message(conn, conv, b, "again")
+    r, m2 = race(pg, conn, lambda c: json.loads(one(c, read, conv, a)),
+                 lambda c: insert_message(c, conv, a, "mine too"))
+    assert r["unread_count"] == 0 and r["message_id"] > m
+    assert participant(conn, conv, a)[0] == 0
+    assert participant(conn, conv, b)[0] == 2 and m2 > first
 
 
 def test_history_pages_and_sync(conn):
