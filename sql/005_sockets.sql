@@ -236,19 +236,28 @@ $$;
 -- big conversation, and is wasted on users who are not connected: a socket
 -- that opens later gets the totals in its ready frame and replays what it
 -- missed with sync. One set-based query for the whole statement's rows.
+-- PL/pgSQL rather than SQL: it keeps its plan, where a SQL function that is
+-- not inlined (this one has SET clauses) is planned again on every call,
+-- twice per message batch.
 create or replace function parley_pushed_notifications(p_ids bigint[])
 returns setof notifications
-language sql stable
+language plpgsql stable
 set search_path from current
 set enable_seqscan = off        -- the socket registry, see above
 as $$
-    select n.* from notifications n
-     where n.id = any (p_ids)
-       and n.user_id in (select s.user_id from parley_live_sockets() s
-                          where s.conversation_id is null)
-       and not exists (select 1 from notification_preferences np
-                        where np.user_id = n.user_id and n.type = any (np.disabled_types))
-     order by n.id
+begin
+    if cardinality(p_ids) > 0 then
+        return query
+        select n.* from notifications n
+         where n.id = any (p_ids)
+           and n.user_id in (select s.user_id from parley_live_sockets() s
+                              where s.conversation_id is null)
+           and not exists (select 1 from notification_preferences np
+                            where np.user_id = n.user_id
+                              and n.type = any (np.disabled_types))
+         order by n.id;
+    end if;
+end
 $$;
 
 -- Live frames (no replay key) after a message id: what a worker delivers to
