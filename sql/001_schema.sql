@@ -116,6 +116,19 @@ create index notifications_user on notifications (user_id, id);
 -- Unread counts and the unread-only list.
 create index notifications_unread on notifications (user_id, id) where read_at is null;
 
+-- Messages of big conversations whose new_message notifications are still
+-- to be written (002_messages.sql): one row per INSERT statement and
+-- conversation, ids first_id..last_id. Appended by the senders (no row is
+-- shared, so a sender never waits for the servers that drain it right after
+-- the commit, outside the sending transaction).
+create table parley_fanout (
+    id               bigserial primary key,
+    conversation_id  bigint not null references conversations (id) on delete cascade,
+    first_id         bigint not null,
+    last_id          bigint not null
+);
+create index parley_fanout_conversation on parley_fanout (conversation_id);
+
 create table notification_preferences (
     user_id         text primary key check (octet_length(user_id) between 1 and 64),
     disabled_types  text[] not null default '{}'

@@ -42,6 +42,7 @@ $$;
 -- uidlen is in bytes because user ids may contain ':'. A message ('m') or
 -- notification ('n') too large for NOTIFY goes by reference ('M'/'N', empty json):
 -- the server then calls parley_message_frame / parley_notification_frame(seq).
+-- 'f' (all fields empty) says parley_fanout has work for the servers' drain.
 -- Other kinds are small by construction; one that is not is dropped with a warning
 -- rather than failing the writer's transaction.
 create or replace function parley_emit(p_kind text, p_seq bigint, p_conv bigint,
@@ -53,7 +54,7 @@ declare
     v_head text := ':' || coalesce(p_seq, 0) || ':' || coalesce(p_conv, 0) || ':'
                    || coalesce(octet_length(p_uid), 0) || ':' || coalesce(p_uid, '') || ':';
 begin
-    if p_kind not in ('m', 'e', 'n', 'r') then
+    if p_kind not in ('m', 'e', 'n', 'r', 'f') then
         raise exception 'parley_emit: unknown kind %', p_kind;
     end if;
     if 1 + octet_length(v_head) + coalesce(octet_length(p_json), 0) <= 7900 then
@@ -290,18 +291,95 @@ begin
 end
 $$;
 
+-- The collapsed new_message notifications of a set of messages (one
+-- statement's, or a deferred range of one conversation's): one unread per
+-- user and conversation, updated in place (same id) with the latest message
+-- from someone else and the number of messages it stands for. A sender's
+-- stands for the others' messages only (none: no notification); a reader
+-- already past the latest message gets none. Its insert/update trigger
+-- (004_notifications.sql) sends the 'n' event with the live counts.
+-- Set-based: per recipient one row written, whatever the number of messages.
+create or replace function parley_collapse_notifications(p_messages messages[])
+returns void
+language plpgsql
+set search_path from current
+as $$
+begin
+    with batch as materialized (
+        select * from unnest(p_messages)),
+    per_conversation as (
+        select distinct on (conversation_id) conversation_id, id,
+               count(*) over (partition by conversation_id) as n
+          from batch
+         order by conversation_id, id desc),
+    per_sender as (
+        select s.conversation_id, s.sender_id, s.n,
+               (select max(b.id) from batch b
+                 where b.conversation_id = s.conversation_id
+                   and b.sender_id is distinct from s.sender_id) as latest_other
+          from (select conversation_id, sender_id, count(*) as n
+                  from batch
+                 where sender_id is not null
+                 group by conversation_id, sender_id) s),
+    -- The payload of each message that may become someone's notification
+    -- (built once per message, not once per recipient).
+    payloads as materialized (
+        select b.id, b.conversation_id, b.created_at,
+               jsonb_build_object(
+                   'conversation_id', b.conversation_id,
+                   'from_user', case when b.sender_id is not null
+                                     then jsonb_build_object('id', b.sender_id,
+                                              'username', coalesce(u.name, 'user ' || b.sender_id)) end,
+                   'message', jsonb_build_object('id', b.id, 'content', b.content)) as payload
+          from batch b
+          left join users u on u.id = b.sender_id),
+    recipients as (
+        select q.user_id, m.conversation_id, m.payload, m.created_at,
+               l.n - coalesce(s.n, 0) as n
+          from per_conversation l
+          join participants q on q.conversation_id = l.conversation_id and not q.muted
+          left join per_sender s on s.conversation_id = q.conversation_id
+                                and s.sender_id = q.user_id
+          join payloads m on m.id = case when s.sender_id is null then l.id
+                                         else s.latest_other end
+         where l.n > coalesce(s.n, 0)
+           and q.last_read_message_id < m.id
+           and not exists (select 1 from notification_preferences np
+                            where np.user_id = q.user_id
+                              and 'new_message' = any (np.disabled_types)))
+    insert into notifications as n (user_id, type, payload, conversation_id, count, created_at)
+    select x.user_id, 'new_message', x.payload, x.conversation_id, x.n, x.created_at
+      from recipients x
+     order by x.user_id collate "C", x.conversation_id      -- a stable lock order
+    on conflict (user_id, conversation_id) where type = 'new_message' and read_at is null
+    do update set payload = excluded.payload,
+                  created_at = excluded.created_at,
+                  count = n.count + excluded.count;
+end
+$$;
+
+-- Up to this many participants a conversation's notifications are written in
+-- the sending transaction. A bigger one's would hold every send to it for a
+-- row per recipient (about 35 us each here): they are queued in parley_fanout
+-- and written just after the commit by the servers (parley_fanout_drain), so
+-- its messages are delivered at the speed of a small conversation's.
+create or replace function parley_fanout_inline_max() returns integer
+language sql immutable parallel safe
+as $$ select 32 $$;
+
 -- After each INSERT statement, over all its rows at once (a batch of sends is
 -- one statement): the live frames, then in one statement the conversations'
--- last-message fields and counts, the senders' read counts and the collapsed
--- new_message notifications. Set-based, so a batch costs these two statements
--- rather than a few per message, and per recipient it writes one row (the
--- notification) whatever the number of messages.
+-- last-message fields and counts, the senders' read counts and the queue of
+-- deferred notifications, then the notifications of the other conversations.
+-- Set-based, so a batch costs these few statements rather than a few per
+-- message.
 create or replace function parley_messages_inserted() returns trigger
 language plpgsql
 set search_path from current
 as $$
 declare
     r record;
+    v_deferred bigint[];
 begin
     -- In id order: per conversation that is commit order (the insert trigger
     -- holds the conversation's lock), and NOTIFY keeps it.
@@ -314,25 +392,12 @@ begin
         perform parley_emit('m', r.id, r.conversation_id, null, r.frame);
     end loop;
 
-    -- The notification is collapsed: one unread per user and conversation,
-    -- updated in place (same id) with the latest message from someone else and
-    -- the number of messages it stands for. A sender's stands for the others'
-    -- messages only (none: no notification). Its insert/update trigger
-    -- (004_notifications.sql) sends the 'n' event with the live counts.
     with per_conversation as (
         select distinct on (conversation_id) conversation_id, id, created_at,
-               count(*) over (partition by conversation_id) as n
+               count(*) over (partition by conversation_id) as n,
+               min(id) over (partition by conversation_id) as first_id
           from inserted
          order by conversation_id, id desc),
-    per_sender as (
-        select s.conversation_id, s.sender_id, s.n,
-               (select max(i.id) from inserted i
-                 where i.conversation_id = s.conversation_id
-                   and i.sender_id is distinct from s.sender_id) as latest_other
-          from (select conversation_id, sender_id, count(*) as n
-                  from inserted
-                 where sender_id is not null
-                 group by conversation_id, sender_id) s),
     conversations_moved as (
         update conversations c
            set last_message_id = l.id,
@@ -346,44 +411,67 @@ begin
     senders_read as (
         update participants p
            set read_count = p.read_count + s.n
-          from per_sender s
+          from (select conversation_id, sender_id, count(*) as n
+                  from inserted
+                 where sender_id is not null
+                 group by conversation_id, sender_id) s
          where p.conversation_id = s.conversation_id
            and p.user_id = s.sender_id),
-    -- The payload of each message that may become someone's notification
-    -- (built once per message, not once per recipient).
-    payloads as materialized (
-        select i.id, i.conversation_id, i.created_at,
-               jsonb_build_object(
-                   'conversation_id', i.conversation_id,
-                   'from_user', case when i.sender_id is not null
-                                     then jsonb_build_object('id', i.sender_id,
-                                              'username', coalesce(u.name, 'user ' || i.sender_id)) end,
-                   'message', jsonb_build_object('id', i.id, 'content', i.content)) as payload
-          from inserted i
-          left join users u on u.id = i.sender_id),
-    recipients as (
-        select q.user_id, m.conversation_id, m.payload, m.created_at,
-               l.n - coalesce(s.n, 0) as n
+    -- A big conversation, or one with notifications still queued (they are
+    -- written in order), queues these too.
+    deferred as (
+        insert into parley_fanout (conversation_id, first_id, last_id)
+        select l.conversation_id, l.first_id, l.id
           from per_conversation l
-          join participants q on q.conversation_id = l.conversation_id and not q.muted
-          left join per_sender s on s.conversation_id = q.conversation_id
-                                and s.sender_id = q.user_id
-          join payloads m on m.id = case when s.sender_id is null then l.id
-                                         else s.latest_other end
-         where l.n > coalesce(s.n, 0)
-           and not exists (select 1 from notification_preferences np
-                            where np.user_id = q.user_id
-                              and 'new_message' = any (np.disabled_types)))
-    insert into notifications as n (user_id, type, payload, conversation_id, count, created_at)
-    select x.user_id, 'new_message', x.payload, x.conversation_id, x.n, x.created_at
-      from recipients x
-     order by x.user_id collate "C", x.conversation_id      -- a stable lock order
-    on conflict (user_id, conversation_id) where type = 'new_message' and read_at is null
-    do update set payload = excluded.payload,
-                  created_at = excluded.created_at,
-                  count = n.count + excluded.count;
+         where (select count(*) from participants q
+                 where q.conversation_id = l.conversation_id) > parley_fanout_inline_max()
+            or exists (select 1 from parley_fanout f where f.conversation_id = l.conversation_id)
+        returning conversation_id)
+    select array_agg(conversation_id) into v_deferred from deferred;
 
+    perform parley_collapse_notifications(array(
+        select i::messages from inserted i
+         where i.conversation_id <> all (coalesce(v_deferred, '{}'))));
+    if v_deferred is not null then
+        perform parley_emit('f', 0, 0, null, null);     -- wakes the servers' drain
+    end if;
     return null;
+end
+$$;
+
+-- The servers' side of parley_fanout: writes the queued notifications of a
+-- few conversations. A conversation is drained by one server at a time (an
+-- advisory lock; the others skip it), its rows in order; a row is seen once
+-- its sender committed, whose commit also wakes the drains. True when it did
+-- something (call again), false when there was nothing it could take.
+create or replace function parley_fanout_drain() returns boolean
+language plpgsql
+set search_path from current
+as $$
+declare
+    v_conv bigint;
+    v_rows bigint[];
+    v_done boolean := false;
+begin
+    for v_conv in select distinct conversation_id from parley_fanout
+                   order by conversation_id limit 8 loop
+        continue when not pg_try_advisory_xact_lock(hashtext('parley-fanout'),
+                                                    (v_conv % 2147483647)::integer);
+        v_rows := array(select id from parley_fanout
+                         where conversation_id = v_conv
+                         order by id
+                           for update skip locked);
+        continue when cardinality(v_rows) = 0;
+        perform parley_collapse_notifications(array(
+            select m from parley_fanout f
+              join messages m on m.conversation_id = f.conversation_id
+                             and m.id between f.first_id and f.last_id
+             where f.id = any (v_rows)
+             order by m.id));
+        delete from parley_fanout where id = any (v_rows);
+        v_done := true;
+    end loop;
+    return v_done;
 end
 $$;
 

@@ -154,6 +154,9 @@ bus_route(struct bus_parsed *p)
 	case 'N':
 		bus_fetch(p);
 		break;
+	case 'f':
+		fanout_wake();
+		break;
 	default:
 		kore_log(LOG_NOTICE, "bus: unknown kind '%c'", p->kind);
 		break;

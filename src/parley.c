@@ -88,6 +88,7 @@ kore_worker_configure(void)
 	metrics_worker_start();
 	hub_init();
 	ws_init();
+	fanout_init();
 	db_init();
 }
 

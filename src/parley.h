@@ -247,6 +247,10 @@ struct hub_conv	*hub_conv_first(void);
 struct hub_conv	*hub_conv_next(struct hub_conv *);
 int64_t	hub_conv_id(struct hub_conv *);
 
+/* Deferred notifications of big conversations (fanout.c). */
+void	fanout_init(void);
+void	fanout_wake(void);
+
 /* The per-worker LISTEN connection and what it routes (bus.c). */
 void	bus_up(void);
 void	bus_down(void);

@@ -458,3 +458,32 @@ def test_auth_on_notification_socket(server, sockets):
     ws.send({"type": "auth", "token": make_token(u, exp_in=600)})
     assert abs(ws.recv_type("auth_ok")["exp"] - exp) <= 2
     ws.no_frame(lambda f: False, 5)     # would raise Closed if expired
+
+
+def test_big_conversation_notifications_written_after_the_send(server, conn,
+                                                               sockets):
+    # Over parley_fanout_inline_max() members: the send commits without the
+    # notifications, the server's drain writes them right after, live events
+    # included, with the same collapse as a small conversation's.
+    members = [new_id() for _ in range(40)]
+    a, b, c = members[:3]
+    conv = create_conversation(conn, members)
+    nb = notif_socket(sockets, server, b)
+    ca = chat_socket(sockets, server, conv, a)
+    first = chat_send(ca, "to everyone", "big-1")
+    ev = nb.recv_type("new_message")
+    assert ev["conversation_id"] == conv and ev["count"] == 1
+    assert ev["message"] == {"id": first["message_id"], "content": "to everyone"}
+    assert (ev["unread_count"], ev["total_unread"]) == (1, 1)
+    second_id = sql_insert_message(conn, conv, c, "by sql")
+    again = nb.recv_type("new_message")
+    assert again["id"] == ev["id"] and again["count"] == 2
+    assert again["message"]["id"] == second_id
+    # every other member has one; the senders' stand for the others' only
+    rows = dict(sql_rows(conn, "SELECT user_id, count FROM notifications "
+                         "WHERE conversation_id = %s AND read_at IS NULL",
+                         conv))
+    assert set(rows) == set(members)
+    assert rows[a] == 1 and rows[c] == 1 and rows[b] == 2
+    assert sql_one(conn, "SELECT count(*) FROM parley_fanout "
+                   "WHERE conversation_id = %s", conv) == 0

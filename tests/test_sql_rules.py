@@ -542,6 +542,80 @@ def test_mark_read_racing_own_send_keeps_unread_exact(pg, conn):
     assert participant(conn, conv, b)[0] == 2 and m2 > first
 
 
+def hold_fanout(pg, conv):
+    """A connection holding conv's drain lock (the server runs its own drains
+    on this database: this keeps them off conv until the connection closes;
+    drains on this connection still work, the lock being its own)."""
+    c = connect(pg, autocommit=True)
+    one(c, "select pg_advisory_lock(hashtext('parley-fanout'), %s)", conv % 2147483647)
+    return c
+
+
+def drained(conn, conv, timeout=10):
+    """Wait until conv has nothing queued (the server's drain, or ours)."""
+    deadline = time.monotonic() + timeout
+    while one(conn, "select count(*) from parley_fanout where conversation_id = %s", conv):
+        assert time.monotonic() < deadline, "the queue was never drained"
+        one(conn, "select parley_fanout_drain()")
+        time.sleep(0.05)
+
+
+def test_big_conversation_queues_its_notifications_for_the_drain(pg, conn, listener):
+    members = touch(conn, *["M%d" % i for i in range(40)])
+    a, b, c = members[:3]
+    conv = create(conn, a, members)["conversation"]["id"]
+    assert one(conn, "select parley_fanout_inline_max()") < len(members)
+    holder = hold_fanout(pg, conv)
+    try:
+        m1 = insert_message(conn, conv, a, "one")
+        m2 = insert_message(conn, conv, b, "two")
+        # stored and delivered, counted unread, but no notification yet:
+        # queued, and an 'f' note wakes the servers
+        assert participant(conn, conv, c)[0] == 2
+        assert one(conn, "select count(*) from notifications where conversation_id = %s",
+                   conv) == 0
+        assert rows(conn, "select first_id, last_id from parley_fanout "
+                          "where conversation_id = %s order by id", conv) == [(m1, m1), (m2, m2)]
+        kinds = [e[0] for e in listener.collect()]
+        assert "m" in kinds and "f" in kinds
+        # c has read everything already: the drain gives c none
+        one(conn, "select parley_mark_read(%s, %s, null)", conv, c)
+        assert one(holder, "select parley_fanout_drain()") is True
+    finally:
+        holder.close()
+    assert one(conn, "select count(*) from parley_fanout where conversation_id = %s",
+               conv) == 0
+    got = dict((u, (n, p)) for u, n, p in rows(
+        conn, "select user_id, count, (payload->'message'->>'id')::bigint "
+              "from notifications where conversation_id = %s", conv))
+    assert got[a] == (1, m2) and got[b] == (1, m1)
+    assert got[members[5]] == (2, m2)
+    assert c not in got and len(got) == len(members) - 1
+
+
+def test_fanout_drain_never_holds_up_a_sender(pg, conn):
+    members = touch(conn, *["N%d" % i for i in range(40)])
+    conv = create(conn, members[0], members)["conversation"]["id"]
+    drain = hold_fanout(pg, conv)
+    sender = connect(pg, autocommit=True)
+    try:
+        insert_message(conn, conv, members[0], "queued")
+        # a drain in progress holds the queued rows; a send must not wait
+        one(drain, "begin")
+        assert one(drain, "select parley_fanout_drain()") is True
+        one(sender, "set statement_timeout = '5s'")
+        late = insert_message(sender, conv, members[1], "while draining")
+        assert one(sender, "select parley_fanout_drain()") is False   # busy
+        one(drain, "commit")
+    finally:
+        drain.close()
+        sender.close()
+    drained(conn, conv)
+    assert rows(conn, "select count, (payload->'message'->>'id')::bigint "
+                      "from notifications where conversation_id = %s and user_id = %s",
+                conv, members[2]) == [(2, late)]
+
+
 def test_history_pages_and_sync(conn):
     a, b = touch(conn, "Ana", "Bob")
     conv = create(conn, a, [a, b])["conversation"]["id"]

@@ -1,0 +1,85 @@
+/*
+ * Copyright (c) 2026 The Parley developers.
+ *
+ * Permission to use, copy, modify, and distribute this software for any
+ * purpose with or without fee is hereby granted, provided that the above
+ * copyright notice and this permission notice appear in all copies.
+ *
+ * THE SOFTWARE IS PROVIDED "AS IS" AND THE AUTHOR DISCLAIMS ALL WARRANTIES
+ * WITH REGARD TO THIS SOFTWARE INCLUDING ALL IMPLIED WARRANTIES OF
+ * MERCHANTABILITY AND FITNESS. IN NO EVENT SHALL THE AUTHOR BE LIABLE FOR
+ * ANY SPECIAL, DIRECT, INDIRECT, OR CONSEQUENTIAL DAMAGES OR ANY DAMAGES
+ * WHATSOEVER RESULTING FROM LOSS OF USE, DATA OR PROFITS, WHETHER IN AN
+ * ACTION OF CONTRACT, NEGLIGENCE OR OTHER TORTIOUS ACTION, ARISING OUT OF
+ * OR IN CONNECTION WITH THE USE OR PERFORMANCE OF THIS SOFTWARE.
+ */
+
+/*
+ * Deferred notifications: a big conversation's new_message notifications
+ * (a row per recipient) are queued by the message trigger instead of being
+ * written in the sending transaction (sql/002_messages.sql, parley_fanout).
+ * Each worker drains the queue when an 'f' note says it has work, and every
+ * FANOUT_SWEEP_MS in case a note was missed (LISTEN down, a drain that
+ * failed). PostgreSQL's SKIP LOCKED shares the work between workers and
+ * instances; one drain is in flight per worker at a time.
+ */
+
+#include <sys/types.h>
+
+#include "parley.h"
+
+#define FANOUT_SWEEP_MS		1000
+
+static void	fanout_sweep(void *, u_int64_t);
+static void	fanout_run(void);
+static void	fanout_done(struct db_result *, void *);
+
+static int	fanout_inflight;
+static int	fanout_again;
+
+void
+fanout_init(void)
+{
+	(void)kore_timer_add(fanout_sweep, FANOUT_SWEEP_MS, NULL, 0);
+}
+
+void
+fanout_wake(void)
+{
+	if (fanout_inflight) {
+		fanout_again = 1;
+		return;
+	}
+	fanout_run();
+}
+
+static void
+fanout_sweep(void *unused, u_int64_t now)
+{
+	fanout_wake();
+}
+
+static void
+fanout_run(void)
+{
+	fanout_inflight = 1;
+	fanout_again = 0;
+	(void)db_query("SELECT parley_fanout_drain()", 0, NULL, fanout_done,
+	    NULL);
+}
+
+/* Work done means there may be more: go on until a drain finds none. */
+static void
+fanout_done(struct db_result *r, void *unused)
+{
+	int	more;
+
+	fanout_inflight = 0;
+	more = r->ok && PQntuples(r->res) == 1 &&
+	    PQgetvalue(r->res, 0, 0)[0] == 't';
+	if (!r->ok && r->res != NULL)
+		kore_log(LOG_NOTICE, "fanout: drain failed: %s", r->message);
+
+	if (more || fanout_again)
+		fanout_run();
+}
