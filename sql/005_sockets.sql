@@ -145,30 +145,41 @@ begin
 end
 $$;
 
--- Forget a socket; a user's last socket to a conversation makes them offline
--- and ends their typing.
-create or replace function parley_socket_close(p_node text, p_socket bigint,
-                                               p_was_typing boolean)
+-- Forget sockets of a node (the server sends the ones that closed since its
+-- previous call: in a storm thousands share one transaction, one commit;
+-- each commit with a NOTIFY waits for the one before it). A user's last
+-- socket to a conversation makes them offline there and ends their typing.
+-- Users are locked in one order so that two calls cannot deadlock.
+create or replace function parley_sockets_close(p_node text, p_sockets bigint[],
+                                                p_typing boolean[])
 returns void
 language plpgsql
 set search_path from current
 set enable_seqscan = off
 as $$
 declare
-    v_sock parley_sockets;
+    v_gone record;
 begin
-    delete from parley_sockets where node = p_node and socket_id = p_socket
-        returning * into v_sock;
-    if v_sock.conversation_id is null then
-        return;
-    end if;
-    perform parley_user_lock(v_sock.user_id);
-    if p_was_typing then
-        perform parley_emit_typing(v_sock.conversation_id, v_sock.user_id, false);
-    end if;
-    if not parley_user_online(v_sock.conversation_id, v_sock.user_id) then
-        perform parley_emit_presence(v_sock.conversation_id, v_sock.user_id, 'offline');
-    end if;
+    for v_gone in
+        with gone as (
+            delete from parley_sockets s
+             using unnest(p_sockets, p_typing) as c(socket_id, typing)
+             where s.node = p_node and s.socket_id = c.socket_id
+            returning s.user_id, s.conversation_id, c.typing)
+        select user_id, conversation_id, bool_or(typing) as typing
+          from gone
+         where conversation_id is not null
+         group by user_id, conversation_id
+         order by user_id, conversation_id
+    loop
+        perform parley_user_lock(v_gone.user_id);
+        if v_gone.typing then
+            perform parley_emit_typing(v_gone.conversation_id, v_gone.user_id, false);
+        end if;
+        if not parley_user_online(v_gone.conversation_id, v_gone.user_id) then
+            perform parley_emit_presence(v_gone.conversation_id, v_gone.user_id, 'offline');
+        end if;
+    end loop;
 end
 $$;
 

@@ -840,10 +840,35 @@ def test_two_tabs_closing_at_once_make_one_offline(pg, conn, listener):
     assert presence_events(listener, conv) == ["online"]
     # the first close is not committed when the second runs: without a
     # per-user lock each saw the other tab still open and nobody went offline
-    close = "select parley_socket_close('sql-rules-node', %s, false)"
+    close = "select parley_sockets_close('sql-rules-node', array[%s]::bigint[], '{f}')"
     race(pg, conn, lambda c: one(c, close, tabs[0]), lambda c: one(c, close, tabs[1]))
     assert presence_events(listener, conv) == ["offline"]
     assert one(conn, "select parley_user_online(%s, %s)", conv, a) is False
+
+
+def test_closes_in_one_call_each_send_what_one_would(pg, conn, listener):
+    a, b, c = touch(conn, "Ana", "Bob", "Cy")
+    conv = create(conn, a, [a, b, c])["conversation"]["id"]
+    a_tabs = [next(SOCKETS), next(SOCKETS)]
+    b_tab, c_tab = next(SOCKETS), next(SOCKETS)
+    for t in a_tabs:
+        chat_open(conn, conv, a, t)
+    chat_open(conn, conv, b, b_tab)
+    chat_open(conn, conv, c, c_tab)
+    one(conn, "select parley_emit_typing(%s, %s, true)", conv, b)
+    listener.collect()
+    # both of a's tabs, b's (typing) and a socket that is not there: one
+    # offline each for a and b, b's typing ended, c untouched
+    one(conn, "select parley_sockets_close('sql-rules-node', %s::bigint[], %s::boolean[])",
+        a_tabs + [b_tab, 10 ** 15], [False, False, True, False])
+    events = [json.loads(e[4]) for e in listener.collect() if e[0] == "e" and e[2] == conv]
+    assert sorted((e["type"], e["user_id"], e.get("status", e.get("is_typing")))
+                  for e in events) == sorted([("presence", a, "offline"),
+                                              ("presence", b, "offline"),
+                                              ("typing", b, False)])
+    assert one(conn, "select parley_user_online(%s, %s)", conv, c) is True
+    assert one(conn, "select count(*) from parley_sockets where socket_id = any(%s)",
+               a_tabs + [b_tab]) == 0
 
 
 def test_two_tabs_opening_at_once_make_one_online(pg, conn, listener):
