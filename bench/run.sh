@@ -59,6 +59,10 @@ setup() {
 	log "server binary: $BIN"
 
 	pg_start "$PG_DIR" "$PG_PORT"
+	# Exactly these settings: whatever an earlier run or a profiling
+	# session set (pg_stat_statements with track=all costs every nested
+	# statement) is reset first.
+	psql_db postgres -c "ALTER SYSTEM RESET ALL"
 	local s
 	for s in $PG_SETTINGS; do
 		psql_db postgres -c "ALTER SYSTEM SET ${s%%=*} = '${s#*=}'"

@@ -26,7 +26,11 @@ create unlogged table parley_sockets (
     primary key (socket_id, node)
 );
 
-create index parley_sockets_user on parley_sockets (user_id);
+-- With node: a user's lookup (user_id, node = any (live nodes)) is then all
+-- index conditions, and no plan reads a node's sockets to find a user's.
+create index parley_sockets_user on parley_sockets (user_id, node);
+-- The live nodes, read by index under enable_seqscan = off (below).
+create index parley_nodes_seen on parley_nodes (seen_at);
 create index parley_sockets_conversation on parley_sockets (conversation_id, user_id)
     where conversation_id is not null;
 
@@ -38,15 +42,23 @@ language sql immutable as $$ select interval '30 seconds' $$;
 -- reconnect storm) and back, faster than statistics follow: a plan made
 -- while it was small scans it whole, and a storm then costs the square of
 -- its size. The functions that read it therefore carry SET enable_seqscan =
--- off (lookups by user or conversation always go through the indexes).
+-- off (lookups by user or conversation always go through the indexes),
+-- and jit = off: a plan that must scan a table anyway then costs over 10^10,
+-- far past PostgreSQL's threshold for compiling the query (tens of
+-- milliseconds, at every execution).
+--
+-- The live nodes are a handful: they are read once per query into an array
+-- rather than joined, since a join let the planner loop over the nodes and
+-- read each one's sockets whole (the key holds node, but second) for every
+-- socket opened, which made a storm quadratic again.
 --
 -- No SET clause on these two: it would keep the planner from inlining them.
 create or replace function parley_live_sockets() returns setof parley_sockets
 language sql stable
 as $$
     select s.* from parley_sockets s
-      join parley_nodes n using (node)
-     where n.seen_at > now() - parley_node_ttl()
+     where s.node = any (array(select n.node from parley_nodes n
+                                where n.seen_at > now() - parley_node_ttl()))
 $$;
 
 -- Whether the user has a live socket to the conversation.
@@ -96,6 +108,7 @@ returns text
 language plpgsql
 set search_path from current
 set enable_seqscan = off
+set jit = off
 as $$
 declare
     v_ready json;
@@ -129,6 +142,7 @@ returns text
 language plpgsql
 set search_path from current
 set enable_seqscan = off
+set jit = off
 as $$
 declare
     v_ready json;
@@ -156,6 +170,7 @@ returns void
 language plpgsql
 set search_path from current
 set enable_seqscan = off
+set jit = off
 as $$
 declare
     v_gone record;
@@ -191,6 +206,7 @@ returns void
 language plpgsql
 set search_path from current
 set enable_seqscan = off
+set jit = off
 as $$
 declare
     v_gone record;
@@ -255,6 +271,7 @@ returns setof notifications
 language plpgsql stable
 set search_path from current
 set enable_seqscan = off        -- the socket registry, see above
+set jit = off
 as $$
 begin
     if cardinality(p_ids) > 0 then

@@ -33,7 +33,7 @@ begin
     exception when others then
         null;                   -- answered one by one below, errors included
     end;
-    return query select * from parley_post_messages_each(p_batch);
+    return query select * from parley_batch_each('send', p_batch);
 end
 $$;
 
@@ -137,41 +137,80 @@ begin
 end
 $$;
 
--- One parley_post_message per send, each in its own subtransaction.
-create or replace function parley_post_messages_each(p_batch jsonb)
+-- One element of a batch in its own subtransaction (the function's
+-- exception block), so that one refused does not undo the others: status
+-- 200 and the answer, or the error's status with the protocol code and a
+-- human text (PX<status> errors, raised by parley_fail; anything else is
+-- internal). p_kind 'send': an element of parley_post_messages; 'open': of
+-- parley_sockets_open.
+create or replace function parley_batch_call(p_kind text, p_item jsonb,
+    out status integer, out body text, out code text, out message text)
+language plpgsql
+set search_path from current
+as $$
+declare
+    v_state text;
+    v_detail text;
+begin
+    if p_kind = 'send' then
+        body := parley_post_message((p_item->>'c')::bigint, p_item->>'s', p_item->>'t',
+                                    p_item->>'b', p_item->'m', p_item->>'k');
+    elsif p_item ? 'c' then
+        body := parley_chat_open(p_item->>'n', (p_item->>'s')::bigint, (p_item->>'c')::bigint,
+                                 p_item->>'u', p_item->>'m', (p_item->>'x')::integer);
+    else
+        body := parley_notify_open(p_item->>'n', (p_item->>'s')::bigint, p_item->>'u',
+                                   p_item->>'m', (p_item->>'x')::integer);
+    end if;
+    status := 200;
+exception when others then
+    get stacked diagnostics v_state = returned_sqlstate, v_detail = pg_exception_detail;
+    body := null;
+    if v_state like 'PX%' then
+        status := substr(v_state, 3)::integer;
+        code := sqlerrm;
+        message := coalesce(nullif(v_detail, ''), sqlerrm);
+    else
+        raise warning 'parley: % %', v_state, sqlerrm;
+        status := 500;
+        code := 'internal';
+        message := 'internal error';
+    end if;
+end
+$$;
+
+-- Every element of a batch through parley_batch_call, in lock order:
+-- sends by conversation, opens by user (two batches then take their locks
+-- in the same order and cannot deadlock).
+create or replace function parley_batch_each(p_kind text, p_batch jsonb)
 returns table (idx integer, status integer, body text, code text, message text)
 language plpgsql
 set search_path from current
 as $$
 declare
-    v_item record;
-    v_state text;
-    v_detail text;
+    v record;
 begin
-    for v_item in select * from parley_batch_items(p_batch) i order by i.c, i.idx loop
-        idx := v_item.idx;
-        begin
-            body := parley_post_message(v_item.c, v_item.s, v_item.t, v_item.b,
-                                        v_item.m, v_item.k);
-            status := 200;
-            code := null;
-            message := null;
-        exception when others then
-            get stacked diagnostics v_state = returned_sqlstate,
-                                    v_detail = pg_exception_detail;
-            body := null;
-            if v_state like 'PX%' then
-                status := substr(v_state, 3)::integer;
-                code := sqlerrm;
-                message := coalesce(nullif(v_detail, ''), sqlerrm);
-            else
-                raise warning 'parley_post_messages: % %', v_state, sqlerrm;
-                status := 500;
-                code := 'internal';
-                message := 'internal error';
-            end if;
-        end;
+    for v in select e.value, (e.ordinality - 1)::integer as i
+               from jsonb_array_elements(p_batch) with ordinality as e
+              order by case when p_kind = 'open' then e.value->>'u' end,
+                       (e.value->>'c')::bigint, e.ordinality loop
+        idx := v.i;
+        select * into status, body, code, message from parley_batch_call(p_kind, v.value);
         return next;
     end loop;
 end
+$$;
+
+-- Socket opens batched like sends (a worker sends the sockets that opened
+-- while its previous call ran): one transaction, one commit for many
+-- sockets, where a reconnect storm queued thousands of commits that each
+-- NOTIFY (presence), and such commits wait for one another. p_batch:
+-- [{"n":node,"s":socket id,"c":conversation (absent: a notification
+-- socket),"u":user,"m":display name,"x":the user's socket cap}]; answers as
+-- parley_post_messages', the body being the ready frame.
+create or replace function parley_sockets_open(p_batch jsonb)
+returns table (idx integer, status integer, body text, code text, message text)
+language sql
+as $$
+    select * from parley_batch_each('open', p_batch)
 $$;

@@ -17,11 +17,12 @@
 /*
  * Write batching. PostgreSQL serialises commits that NOTIFY, so one
  * transaction per message caps a server at a few thousand messages a
- * second whatever its C code does. Each worker therefore keeps one write
- * in flight: sends that arrive meanwhile wait here and go together in the
- * next round trip (parley_post_messages, one transaction, one INSERT of
- * all of them). Under light load a batch is one message and costs what a
- * single write costs.
+ * second whatever its C code does, and one per socket opened made a
+ * reconnect storm queue thousands of commits. Each worker therefore keeps
+ * one call in flight per kind: the sends (or opens) that arrive meanwhile
+ * wait here and go together in the next round trip (parley_post_messages,
+ * parley_sockets_open: one transaction for all of them). Under light load
+ * a batch is one item and costs what a single call costs.
  *
  * A send is acknowledged only after its batch committed. A socket has one
  * send in flight at a time, so its sends keep their order.
@@ -38,34 +39,64 @@
 
 struct batch_item {
 	TAILQ_ENTRY(batch_item)	list;
+	struct batcher		*owner;
 	struct session		*session;
+	u_int64_t		socket_id;
 	struct kore_buf		json;
 };
 
 TAILQ_HEAD(batch_list, batch_item);
 
 struct batch {
+	struct batcher		*owner;
 	struct batch_item	*items[BATCH_MAX];
 	int			count;
 };
 
-static void	batch_flush(void);
+/* One kind of batched call: its SQL ($1 the JSON array) and its answers. */
+struct batcher {
+	const char		*sql;
+	int			max;
+	void			(*answer)(struct session *, int, const char *,
+				    const char *, const char *);
+	/* Done for the socket whose session went away before its answer. */
+	void			(*orphan)(u_int64_t);
+	struct batch_list	pending;
+	struct batch		*inflight;
+};
+
+static struct batch_item	*batch_item_new(struct batcher *,
+				    struct session *, size_t);
+static void	batch_queue(struct batch_item *);
+static void	batch_flush(struct batcher *);
 static void	batch_done(struct db_result *, void *);
 
-static struct batch_list	batch_pending = TAILQ_HEAD_INITIALIZER(batch_pending);
-static struct batch		*batch_inflight;
+static struct batcher	batch_sends = {
+	"SELECT idx, status, body, code, message "
+	"FROM parley_post_messages($1::jsonb)",
+	BATCH_MAX, chat_sent, NULL, TAILQ_HEAD_INITIALIZER(batch_sends.pending),
+	NULL
+};
+
+/*
+ * Opens run in a subtransaction each: PostgreSQL caches 64 per backend. A
+ * socket that closed while its open was in flight is registered all the
+ * same: it is taken out again (ws_forget).
+ */
+static struct batcher	batch_opens = {
+	"SELECT idx, status, body, code, message "
+	"FROM parley_sockets_open($1::jsonb)",
+	64, ws_opened, ws_forget, TAILQ_HEAD_INITIALIZER(batch_opens.pending),
+	NULL
+};
 
 /* Queue a validated send of session s; its answer goes to chat_sent(). */
 void
-batch_submit(struct session *s, struct message_in *m)
+batch_send(struct session *s, struct message_in *m)
 {
 	struct batch_item	*item;
 
-	item = kore_calloc(1, sizeof(*item));
-	item->session = s;
-	s->batch_item = item;
-
-	kore_buf_init(&item->json, 128 + m->content_len);
+	item = batch_item_new(&batch_sends, s, 128 + m->content_len);
 	kore_buf_appendf(&item->json, "{\"c\":%lld,\"s\":",
 	    (long long)s->conversation_id);
 	json_append_string(&item->json, s->ident.user_id,
@@ -80,55 +111,100 @@ batch_submit(struct session *s, struct message_in *m)
 		    strlen(m->client_id));
 	}
 	kore_buf_appendf(&item->json, "}");
-
-	TAILQ_INSERT_TAIL(&batch_pending, item, list);
-	if (batch_inflight == NULL)
-		batch_flush();
+	batch_queue(item);
 }
 
-/* The socket is gone: drop its waiting send, or ignore its answer. */
+/* Register the authenticated socket s; its answer goes to ws_opened(). */
+void
+batch_open(struct session *s)
+{
+	struct batch_item	*item;
+
+	item = batch_item_new(&batch_opens, s, 256);
+	kore_buf_appendf(&item->json, "{\"n\":\"%s\",\"s\":%llu,", ws_node,
+	    (unsigned long long)s->id);
+	if (s->kind == SESSION_CHAT) {
+		kore_buf_appendf(&item->json, "\"c\":%lld,",
+		    (long long)s->conversation_id);
+	}
+	kore_buf_appendf(&item->json, "\"u\":");
+	json_append_string(&item->json, s->ident.user_id,
+	    strlen(s->ident.user_id));
+	kore_buf_appendf(&item->json, ",\"m\":");
+	json_append_string(&item->json, s->ident.name, strlen(s->ident.name));
+	kore_buf_appendf(&item->json, ",\"x\":%d}",
+	    parley_cfg.max_sockets_per_user);
+	batch_queue(item);
+}
+
+/* The socket is gone: drop its waiting item, or ignore its answer. */
 void
 batch_forget(struct session *s)
 {
 	struct batch_item	*item;
+	struct batch		*b;
 	int			i;
 
 	if ((item = s->batch_item) == NULL)
 		return;
 	s->batch_item = NULL;
 
-	if (batch_inflight != NULL) {
-		for (i = 0; i < batch_inflight->count; i++) {
-			if (batch_inflight->items[i] == item) {
+	if ((b = item->owner->inflight) != NULL) {
+		for (i = 0; i < b->count; i++) {
+			if (b->items[i] == item) {
 				item->session = NULL;
 				return;
 			}
 		}
 	}
 
-	TAILQ_REMOVE(&batch_pending, item, list);
+	TAILQ_REMOVE(&item->owner->pending, item, list);
 	kore_buf_cleanup(&item->json);
 	kore_free(item);
 }
 
+static struct batch_item *
+batch_item_new(struct batcher *owner, struct session *s, size_t len)
+{
+	struct batch_item	*item;
+
+	item = kore_calloc(1, sizeof(*item));
+	item->owner = owner;
+	item->session = s;
+	item->socket_id = s->id;
+	s->batch_item = item;
+	kore_buf_init(&item->json, len);
+
+	return (item);
+}
+
 static void
-batch_flush(void)
+batch_queue(struct batch_item *item)
+{
+	TAILQ_INSERT_TAIL(&item->owner->pending, item, list);
+	if (item->owner->inflight == NULL)
+		batch_flush(item->owner);
+}
+
+static void
+batch_flush(struct batcher *owner)
 {
 	struct batch		*b;
 	struct batch_item	*item;
 	struct kore_buf		array;
 	const char		*params[1];
 
-	if (TAILQ_EMPTY(&batch_pending))
+	if (TAILQ_EMPTY(&owner->pending))
 		return;
 
 	b = kore_calloc(1, sizeof(*b));
+	b->owner = owner;
 	kore_buf_init(&array, 4096);
 	kore_buf_append(&array, "[", 1);
 
-	while ((item = TAILQ_FIRST(&batch_pending)) != NULL &&
-	    b->count < BATCH_MAX) {
-		TAILQ_REMOVE(&batch_pending, item, list);
+	while ((item = TAILQ_FIRST(&owner->pending)) != NULL &&
+	    b->count < owner->max) {
+		TAILQ_REMOVE(&owner->pending, item, list);
 		if (b->count > 0)
 			kore_buf_append(&array, ",", 1);
 		kore_buf_append(&array, item->json.data, item->json.offset);
@@ -137,9 +213,8 @@ batch_flush(void)
 	kore_buf_append(&array, "]", 1);
 
 	params[0] = kore_buf_stringify(&array, NULL);
-	batch_inflight = b;
-	(void)db_query("SELECT idx, status, body, code, message "
-	    "FROM parley_post_messages($1::jsonb)", 1, params, batch_done, b);
+	owner->inflight = b;
+	(void)db_query(owner->sql, 1, params, batch_done, b);
 	kore_buf_cleanup(&array);
 }
 
@@ -147,6 +222,7 @@ static void
 batch_done(struct db_result *r, void *arg)
 {
 	struct batch		*b = arg;
+	struct batcher		*owner = b->owner;
 	struct batch_item	*item;
 	struct session		*s;
 	int64_t			idx, status;
@@ -160,15 +236,18 @@ batch_done(struct db_result *r, void *arg)
 		    &status))
 			continue;
 		item = b->items[idx];
-		if ((s = item->session) == NULL)
+		if ((s = item->session) == NULL) {
+			if (status == HTTP_STATUS_OK && owner->orphan != NULL)
+				owner->orphan(item->socket_id);
 			continue;
+		}
 		item->session = NULL;
 		s->batch_item = NULL;
 		if (status == HTTP_STATUS_OK) {
-			chat_sent(s, HTTP_STATUS_OK, PQgetvalue(r->res, i, 2),
-			    NULL, NULL);
+			owner->answer(s, HTTP_STATUS_OK,
+			    PQgetvalue(r->res, i, 2), NULL, NULL);
 		} else {
-			chat_sent(s, (int)status, NULL,
+			owner->answer(s, (int)status, NULL,
 			    PQgetvalue(r->res, i, 3), PQgetvalue(r->res, i, 4));
 		}
 	}
@@ -178,7 +257,7 @@ batch_done(struct db_result *r, void *arg)
 		item = b->items[i];
 		if ((s = item->session) != NULL) {
 			s->batch_item = NULL;
-			chat_sent(s, r->ok ? HTTP_STATUS_INTERNAL_ERROR :
+			owner->answer(s, r->ok ? HTTP_STATUS_INTERNAL_ERROR :
 			    r->status, NULL, "internal", r->ok ?
 			    "internal error" : r->message);
 		}
@@ -187,6 +266,6 @@ batch_done(struct db_result *r, void *arg)
 	}
 
 	kore_free(b);
-	batch_inflight = NULL;
-	batch_flush();
+	owner->inflight = NULL;
+	batch_flush(owner);
 }

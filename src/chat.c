@@ -39,7 +39,6 @@ static int	chat_read(struct session *, yajl_val);
 static void	chat_read_done(struct db_result *, void *);
 static int	chat_typing(struct session *, yajl_val);
 static void	chat_emit_typing(struct session *, int);
-static void	chat_opened(struct db_result *, void *);
 static const char *chat_error_code(int, const char *);
 
 int
@@ -53,28 +52,16 @@ ws_chat(struct http_request *req)
 	return (ws_handshake(req, SESSION_CHAT, id));
 }
 
-void
-chat_open(struct session *s)
-{
-	ws_open_query(s, "SELECT parley_chat_open($1, $2, $3, $4, $5, $6)",
-	    chat_opened);
-}
-
 /* Ready is out: replay from `after`, or go live from the latest id. */
-static void
-chat_opened(struct db_result *r, void *arg)
+void
+chat_opened(struct session *s, const char *frame)
 {
-	struct session	*s = arg;
 	const char	*path[] = { "last_message_id", NULL };
 	yajl_val	ready, v;
 	int64_t		last;
 
-	ws_opened(s, r);
-	if (s->state != SESSION_OPEN)
-		return;
-
 	last = 0;
-	ready = json_parse(PQgetvalue(r->res, 0, 0), PQgetlength(r->res, 0, 0));
+	ready = json_parse(frame, strlen(frame));
 	if (ready != NULL &&
 	    (v = yajl_tree_get(ready, path, yajl_t_any)) != NULL &&
 	    YAJL_IS_INTEGER(v))
@@ -130,7 +117,7 @@ chat_send(struct session *s, yajl_val root, u_int64_t recv)
 	    sizeof(s->send_ref));
 	s->send_received = recv;
 
-	batch_submit(s, &m);
+	batch_send(s, &m);
 	message_cleanup(&m);
 
 	return (WS_EVENT_WAIT);

@@ -31,7 +31,6 @@
 
 int	ws_notifications(struct http_request *);
 
-static void	notify_opened(struct db_result *, void *);
 static int	notify_read(struct session *, yajl_val, int);
 static void	notify_read_done(struct db_result *, void *);
 
@@ -42,21 +41,8 @@ ws_notifications(struct http_request *req)
 }
 
 void
-notify_open(struct session *s)
+notify_opened(struct session *s)
 {
-	ws_open_query(s, "SELECT parley_notify_open($1, $2, $3, $4, $5)",
-	    notify_opened);
-}
-
-static void
-notify_opened(struct db_result *r, void *arg)
-{
-	struct session	*s = arg;
-
-	ws_opened(s, r);
-	if (s->state != SESSION_OPEN)
-		return;
-
 	hub_hold_release(s, 0);
 	ws_event_done(s);
 }

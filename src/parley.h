@@ -215,22 +215,24 @@ void	ws_frame_build(struct kore_buf *, u_int8_t, const void *, size_t);
 void	ws_close(struct session *, int, const char *);
 void	ws_error(struct session *, const char *, const char *, const char *);
 void	ws_event_done(struct session *);
-void	ws_open_query(struct session *, const char *, db_cb);
-void	ws_opened(struct session *, struct db_result *);
+void	ws_opened(struct session *, int, const char *, const char *,
+	    const char *);
+void	ws_forget(u_int64_t);
 void	ws_sync(struct session *, int64_t, int64_t);
 int	ws_int_field(yajl_val, const char *, int64_t, int64_t, int64_t *);
 
 /* The chat socket's events (chat.c) and the notification socket's (notify.c). */
-void	chat_open(struct session *);
+void	chat_opened(struct session *, const char *);
 void	chat_typing_expired(struct session *);
 void	chat_sent(struct session *, int, const char *, const char *,
 	    const char *);
 
-/* Write batching of socket sends (batch.c). */
-void	batch_submit(struct session *, struct message_in *);
+/* Batching of socket sends and opens (batch.c). */
+void	batch_send(struct session *, struct message_in *);
+void	batch_open(struct session *);
 void	batch_forget(struct session *);
 int	chat_event(struct session *, const char *, yajl_val, u_int64_t);
-void	notify_open(struct session *);
+void	notify_opened(struct session *);
 int	notify_event(struct session *, const char *, yajl_val, u_int64_t);
 
 /* Who is connected to this worker, and fan-out to them (hub.c). */

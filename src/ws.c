@@ -56,6 +56,7 @@ static void	ws_process(struct session *);
 static size_t	ws_pending_bytes(struct connection *);
 static const char *ws_ref(yajl_val);
 static void	ws_unregister(struct session *);
+static void	ws_closed_add(u_int64_t, int);
 static void	ws_closes_flush(void);
 static void	ws_closes_done(struct db_result *, void *);
 static void	ws_sweep(void *, u_int64_t);
@@ -185,52 +186,19 @@ ws_on_connect(struct connection *c)
 	s->behind = 1;
 	hub_add(s);
 
-	if (s->kind == SESSION_CHAT)
-		chat_open(s);
-	else
-		notify_open(s);
+	batch_open(s);
 }
 
 /*
- * Register the socket and read its ready frame: sql takes the node, the
- * socket id, the conversation (chat only), the user, the display name and
- * the per-user socket cap, in that order.
+ * The socket's registration is answered (batch_open): refuse it with the
+ * matching close code, or send its ready frame and let its kind go on.
  */
 void
-ws_open_query(struct session *s, const char *sql, db_cb cb)
+ws_opened(struct session *s, int status, const char *ready, const char *code,
+    const char *message)
 {
-	const char	*params[6];
-	char		sock[24], conv[24], max[16];
-	int		n;
-
-	(void)snprintf(sock, sizeof(sock), "%llu", (unsigned long long)s->id);
-	(void)snprintf(conv, sizeof(conv), "%lld",
-	    (long long)s->conversation_id);
-	(void)snprintf(max, sizeof(max), "%d", parley_cfg.max_sockets_per_user);
-
-	n = 0;
-	params[n++] = ws_node;
-	params[n++] = sock;
-	if (s->kind == SESSION_CHAT)
-		params[n++] = conv;
-	params[n++] = s->ident.user_id;
-	params[n++] = s->ident.name;
-	params[n++] = max;
-
-	s->query = db_query(sql, n, params, cb, s);
-}
-
-/*
- * The open query answered: send the ready frame, or close with the code
- * its error maps to. Returns with s->state OPEN on success.
- */
-void
-ws_opened(struct session *s, struct db_result *r)
-{
-	s->query = NULL;
-
-	if (!r->ok) {
-		switch (r->status) {
+	if (status != HTTP_STATUS_OK) {
+		switch (status) {
 		case HTTP_STATUS_NOT_FOUND:
 		case HTTP_STATUS_FORBIDDEN:
 			metrics_rejected(METRICS_REJECT_FORBIDDEN);
@@ -249,7 +217,12 @@ ws_opened(struct session *s, struct db_result *r)
 
 	s->registered = 1;
 	s->state = SESSION_OPEN;
-	ws_send(s, PQgetvalue(r->res, 0, 0), PQgetlength(r->res, 0, 0));
+	ws_send(s, ready, strlen(ready));
+
+	if (s->kind == SESSION_CHAT)
+		chat_opened(s, ready);
+	else
+		notify_opened(s);
 }
 
 void
@@ -357,17 +330,28 @@ ws_on_disconnect(struct connection *c)
 static void
 ws_unregister(struct session *s)
 {
-	const char	*sep;
-
 	if (!s->registered || ws_is_draining)
 		return;
 	s->registered = 0;
+	ws_closed_add(s->id, s->typing_until != 0);
+}
+
+/* A socket registered after its session was gone (batch.c). */
+void
+ws_forget(u_int64_t id)
+{
+	if (!ws_is_draining)
+		ws_closed_add(id, 0);
+}
+
+static void
+ws_closed_add(u_int64_t id, int typing)
+{
+	const char	*sep;
 
 	sep = ws_closed_ids.offset > 0 ? "," : "";
-	kore_buf_appendf(&ws_closed_ids, "%s%llu", sep,
-	    (unsigned long long)s->id);
-	kore_buf_appendf(&ws_closed_typing, "%s%c", sep,
-	    s->typing_until != 0 ? 't' : 'f');
+	kore_buf_appendf(&ws_closed_ids, "%s%llu", sep, (unsigned long long)id);
+	kore_buf_appendf(&ws_closed_typing, "%s%c", sep, typing ? 't' : 'f');
 
 	if (!ws_closes_inflight)
 		ws_closes_flush();

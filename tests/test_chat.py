@@ -1757,3 +1757,17 @@ def test_slow_consumer_closed_with_4029(make_server, conn):
             reader.join()
         slow.close()
         healthy.close()
+
+
+def test_sockets_closed_while_opening_leave_nobody_online(server, conn):
+    # Closed right after the upgrade, most of these sockets go away while
+    # their registration is in flight: each is taken out again, so the user
+    # ends with no socket in the registry and offline.
+    a, b = new_id(), new_id()
+    conv = create_conversation(conn, [a, b])
+    for _ in range(30):
+        ws = WS(server, "/ws/chat/%d/" % conv, make_token(a))
+        ws.ws.sock.close()          # no close frame: the TCP connection just ends
+    assert wait_for(lambda: sql_one(conn, "SELECT count(*) FROM parley_sockets "
+                                    "WHERE user_id = %s", a) == 0, 10)
+    assert sql_one(conn, "SELECT parley_user_online(%s, %s)", conv, a) is False

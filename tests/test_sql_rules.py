@@ -871,6 +871,28 @@ def test_closes_in_one_call_each_send_what_one_would(pg, conn, listener):
                a_tabs + [b_tab]) == 0
 
 
+def test_opens_in_one_call_are_answered_each(conn, listener):
+    a, b, c = touch(conn, "Ana", "Bob", "Cy")
+    conv = create(conn, a, [a, b])["conversation"]["id"]
+    node = "sql-rules-node"
+    items = [{"n": node, "s": next(SOCKETS), "c": conv, "u": b, "m": "Bob", "x": 5},
+             {"n": node, "s": next(SOCKETS), "c": conv, "u": c, "m": "Cy", "x": 5},
+             {"n": node, "s": next(SOCKETS), "u": c, "m": "Cy", "x": 5},
+             {"n": node, "s": next(SOCKETS), "c": conv, "u": a, "m": "Ana", "x": 0}]
+    got = {i: (st, body, code) for i, st, body, code, _ in rows(
+        conn, "select * from parley_sockets_open(%s::jsonb)", json.dumps(items))}
+    assert sorted(got) == [0, 1, 2, 3]
+    # b's chat socket and c's notification socket open; c is no participant
+    # (404) and a is over the cap (429), and neither undoes the others
+    assert got[0][0] == 200 and json.loads(got[0][1])["online"] == [b]
+    assert got[1][:1] + got[1][2:] == (404, "not_found")
+    assert got[2][0] == 200 and json.loads(got[2][1])["type"] == "ready"
+    assert got[3][:1] + got[3][2:] == (429, "too_many_connections")
+    assert presence_events(listener, conv) == ["online"]
+    assert one(conn, "select count(*) from parley_sockets where user_id = any(%s)",
+               [a, b, c]) == 2 + 3          # touch() opened a socket for each
+
+
 def test_two_tabs_opening_at_once_make_one_online(pg, conn, listener):
     a, b = touch(conn, "Ana", "Bob")
     conv = create(conn, a, [a, b])["conversation"]["id"]
