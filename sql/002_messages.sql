@@ -439,8 +439,8 @@ begin
 end
 $$;
 
--- The servers' side of parley_fanout: writes the queued notifications of a
--- few conversations. A conversation is drained by one server at a time (an
+-- The servers' side of parley_fanout: writes the queued notifications of up
+-- to 64 conversations. A conversation is drained by one server at a time (an
 -- advisory lock; the others skip it), its rows in order; a row is seen once
 -- its sender committed, whose commit also wakes the drains. True when it did
 -- something (call again), false when there was nothing it could take.
@@ -454,7 +454,7 @@ declare
     v_done boolean := false;
 begin
     for v_conv in select distinct conversation_id from parley_fanout
-                   order by conversation_id limit 8 loop
+                   order by conversation_id limit 64 loop
         continue when not pg_try_advisory_xact_lock(hashtext('parley-fanout'),
                                                     (v_conv % 2147483647)::integer);
         v_rows := array(select id from parley_fanout

@@ -21,7 +21,10 @@
  * Each worker drains the queue when an 'f' note says it has work, and every
  * FANOUT_SWEEP_MS in case a note was missed (LISTEN down, a drain that
  * failed). PostgreSQL's SKIP LOCKED shares the work between workers and
- * instances; one drain is in flight per worker at a time.
+ * instances; one drain is in flight per worker at a time, and one starts
+ * at most every FANOUT_PACE_MS: a drain writes a row per recipient however
+ * many messages it covers, so in a busy big conversation draining less
+ * often leaves the CPU to the sends, for notifications a little later.
  */
 
 #include <sys/types.h>
@@ -29,13 +32,17 @@
 #include "parley.h"
 
 #define FANOUT_SWEEP_MS		1000
+#define FANOUT_PACE_MS		100
 
 static void	fanout_sweep(void *, u_int64_t);
+static void	fanout_paced(void *, u_int64_t);
 static void	fanout_run(void);
 static void	fanout_done(struct db_result *, void *);
 
-static int	fanout_inflight;
-static int	fanout_again;
+static int		fanout_inflight;
+static int		fanout_again;
+static int		fanout_scheduled;
+static u_int64_t	fanout_started;
 
 void
 fanout_init(void)
@@ -46,8 +53,21 @@ fanout_init(void)
 void
 fanout_wake(void)
 {
+	u_int64_t	now, since;
+
 	if (fanout_inflight) {
 		fanout_again = 1;
+		return;
+	}
+	if (fanout_scheduled)
+		return;
+
+	now = kore_time_ms();
+	since = now - fanout_started;
+	if (since < FANOUT_PACE_MS) {
+		fanout_scheduled = 1;
+		(void)kore_timer_add(fanout_paced, FANOUT_PACE_MS - since, NULL,
+		    KORE_TIMER_ONESHOT);
 		return;
 	}
 	fanout_run();
@@ -60,10 +80,18 @@ fanout_sweep(void *unused, u_int64_t now)
 }
 
 static void
+fanout_paced(void *unused, u_int64_t now)
+{
+	fanout_scheduled = 0;
+	fanout_wake();
+}
+
+static void
 fanout_run(void)
 {
 	fanout_inflight = 1;
 	fanout_again = 0;
+	fanout_started = kore_time_ms();
 	(void)db_query("SELECT parley_fanout_drain()", 0, NULL, fanout_done,
 	    NULL);
 }
@@ -81,5 +109,5 @@ fanout_done(struct db_result *r, void *unused)
 		kore_log(LOG_NOTICE, "fanout: drain failed: %s", r->message);
 
 	if (more || fanout_again)
-		fanout_run();
+		fanout_wake();
 }
