@@ -20,11 +20,12 @@
  * written in the sending transaction (sql/002_messages.sql, parley_fanout).
  * Each worker drains the queue when an 'f' note says it has work, and every
  * FANOUT_SWEEP_MS in case a note was missed (LISTEN down, a drain that
- * failed). PostgreSQL's SKIP LOCKED shares the work between workers and
- * instances; one drain is in flight per worker at a time, and one starts
- * at most every FANOUT_PACE_MS: a drain writes a row per recipient however
- * many messages it covers, so in a busy big conversation draining less
- * often leaves the CPU to the sends, for notifications a little later.
+ * failed). The first worker of each instance drains (PostgreSQL's SKIP
+ * LOCKED shares the work between instances), one drain in flight at a
+ * time, starting at most every FANOUT_PACE_MS: a drain writes a row per
+ * recipient however many messages it covers, so in a busy big
+ * conversation draining less often (and from one worker, not each) leaves
+ * the CPU to the sends, for notifications a little later.
  */
 
 #include <sys/types.h>
@@ -39,6 +40,7 @@ static void	fanout_paced(void *, u_int64_t);
 static void	fanout_run(void);
 static void	fanout_done(struct db_result *, void *);
 
+static int		fanout_enabled;
 static int		fanout_inflight;
 static int		fanout_again;
 static int		fanout_scheduled;
@@ -47,6 +49,9 @@ static u_int64_t	fanout_started;
 void
 fanout_init(void)
 {
+	if (worker->id != KORE_WORKER_BASE)
+		return;
+	fanout_enabled = 1;
 	(void)kore_timer_add(fanout_sweep, FANOUT_SWEEP_MS, NULL, 0);
 }
 
@@ -55,6 +60,8 @@ fanout_wake(void)
 {
 	u_int64_t	now, since;
 
+	if (!fanout_enabled)
+		return;
 	if (fanout_inflight) {
 		fanout_again = 1;
 		return;
