@@ -43,8 +43,9 @@ ensure_conf_link() {
 		ln -s parley.conf "$PARLEY_ROOT/conf/$name.conf"
 	fi
 	# kodev run leaves the binary as ./<name>: keep it out of git status.
-	if [ -d "$PARLEY_ROOT/.git/info" ] &&
+	if [ -d "$PARLEY_ROOT/.git" ] &&
 	    ! grep -qx "/$name" "$PARLEY_ROOT/.git/info/exclude" 2>/dev/null; then
+		mkdir -p "$PARLEY_ROOT/.git/info"
 		echo "/$name" >> "$PARLEY_ROOT/.git/info/exclude"
 	fi
 }
