@@ -159,13 +159,13 @@ begin
 end
 $$;
 
--- Forget sockets of a node (the server sends the ones that closed since its
--- previous call: in a storm thousands share one transaction, one commit;
--- each commit with a NOTIFY waits for the one before it). A user's last
+-- Forget sockets (each worker sends the ones that closed while its previous
+-- call ran: in a storm thousands share one transaction, one commit; each
+-- commit with a NOTIFY waits for the one before it). p_batch:
+-- [{"n":node,"s":socket id,"t":true when it was typing}]. A user's last
 -- socket to a conversation makes them offline there and ends their typing.
 -- Users are locked in one order so that two calls cannot deadlock.
-create or replace function parley_sockets_close(p_node text, p_sockets bigint[],
-                                                p_typing boolean[])
+create or replace function parley_sockets_close(p_batch jsonb)
 returns void
 language plpgsql
 set search_path from current
@@ -176,10 +176,14 @@ declare
     v_gone record;
 begin
     for v_gone in
-        with gone as (
+        with closed as (
+            select e->>'n' as node, (e->>'s')::bigint as socket_id,
+                   coalesce((e->>'t')::boolean, false) as typing
+              from jsonb_array_elements(p_batch) e),
+        gone as (
             delete from parley_sockets s
-             using unnest(p_sockets, p_typing) as c(socket_id, typing)
-             where s.node = p_node and s.socket_id = c.socket_id
+             using closed c
+             where s.node = c.node and s.socket_id = c.socket_id
             returning s.user_id, s.conversation_id, c.typing)
         select user_id, conversation_id, bool_or(typing) as typing
           from gone

@@ -15,14 +15,15 @@
  */
 
 /*
- * Write batching. PostgreSQL serialises commits that NOTIFY, so one
+ * Batching. PostgreSQL serialises commits that NOTIFY, so one
  * transaction per message caps a server at a few thousand messages a
- * second whatever its C code does, and one per socket opened made a
- * reconnect storm queue thousands of commits. Each worker therefore keeps
- * one call in flight per kind: the sends (or opens) that arrive meanwhile
- * wait here and go together in the next round trip (parley_post_messages,
- * parley_sockets_open: one transaction for all of them). Under light load
- * a batch is one item and costs what a single call costs.
+ * second whatever its C code does, and one per socket opened or closed
+ * made a reconnect storm queue thousands of commits. Each worker therefore
+ * keeps one call in flight per kind: the sends (opens, closes) that arrive
+ * meanwhile wait here and go together in the next round trip
+ * (parley_post_messages, parley_sockets_open, parley_sockets_close: one
+ * transaction for all of them). Under light load a batch is one item and
+ * costs what a single call costs.
  *
  * A send is acknowledged only after its batch committed. A socket has one
  * send in flight at a time, so its sends keep their order.
@@ -53,20 +54,23 @@ struct batch {
 	int			count;
 };
 
-/* One kind of batched call: its SQL ($1 the JSON array) and its answers. */
+/*
+ * One kind of batched call: its SQL ($1 the JSON array) and where its
+ * answers go (none for closes: nobody waits for them).
+ */
 struct batcher {
 	const char		*sql;
 	int			max;
 	void			(*answer)(struct session *, int, const char *,
 				    const char *, const char *);
-	/* Done for the socket whose session went away before its answer. */
-	void			(*orphan)(u_int64_t);
+	/* The socket's session went away before its open was answered. */
+	int			close_orphans;
 	struct batch_list	pending;
 	struct batch		*inflight;
 };
 
 static struct batch_item	*batch_item_new(struct batcher *,
-				    struct session *, size_t);
+				    struct session *, u_int64_t, size_t);
 static void	batch_queue(struct batch_item *);
 static void	batch_flush(struct batcher *);
 static void	batch_done(struct db_result *, void *);
@@ -74,20 +78,24 @@ static void	batch_done(struct db_result *, void *);
 static struct batcher	batch_sends = {
 	"SELECT idx, status, body, code, message "
 	"FROM parley_post_messages($1::jsonb)",
-	BATCH_MAX, chat_sent, NULL, TAILQ_HEAD_INITIALIZER(batch_sends.pending),
+	BATCH_MAX, chat_sent, 0, TAILQ_HEAD_INITIALIZER(batch_sends.pending),
 	NULL
 };
 
 /*
  * Opens run in a subtransaction each: PostgreSQL caches 64 per backend. A
  * socket that closed while its open was in flight is registered all the
- * same: it is taken out again (ws_forget).
+ * same: it is taken out again.
  */
 static struct batcher	batch_opens = {
 	"SELECT idx, status, body, code, message "
 	"FROM parley_sockets_open($1::jsonb)",
-	64, ws_opened, ws_forget, TAILQ_HEAD_INITIALIZER(batch_opens.pending),
-	NULL
+	64, ws_opened, 1, TAILQ_HEAD_INITIALIZER(batch_opens.pending), NULL
+};
+
+static struct batcher	batch_closes = {
+	"SELECT parley_sockets_close($1::jsonb)",
+	BATCH_MAX, NULL, 0, TAILQ_HEAD_INITIALIZER(batch_closes.pending), NULL
 };
 
 /* Queue a validated send of session s; its answer goes to chat_sent(). */
@@ -96,7 +104,7 @@ batch_send(struct session *s, struct message_in *m)
 {
 	struct batch_item	*item;
 
-	item = batch_item_new(&batch_sends, s, 128 + m->content_len);
+	item = batch_item_new(&batch_sends, s, s->id, 128 + m->content_len);
 	kore_buf_appendf(&item->json, "{\"c\":%lld,\"s\":",
 	    (long long)s->conversation_id);
 	json_append_string(&item->json, s->ident.user_id,
@@ -120,7 +128,7 @@ batch_open(struct session *s)
 {
 	struct batch_item	*item;
 
-	item = batch_item_new(&batch_opens, s, 256);
+	item = batch_item_new(&batch_opens, s, s->id, 256);
 	kore_buf_appendf(&item->json, "{\"n\":\"%s\",\"s\":%llu,", ws_node,
 	    (unsigned long long)s->id);
 	if (s->kind == SESSION_CHAT) {
@@ -134,6 +142,18 @@ batch_open(struct session *s)
 	json_append_string(&item->json, s->ident.name, strlen(s->ident.name));
 	kore_buf_appendf(&item->json, ",\"x\":%d}",
 	    parley_cfg.max_sockets_per_user);
+	batch_queue(item);
+}
+
+/* Take socket `id` out of the registry; `typing` ends its typing too. */
+void
+batch_close(u_int64_t id, int typing)
+{
+	struct batch_item	*item;
+
+	item = batch_item_new(&batch_closes, NULL, id, 96);
+	kore_buf_appendf(&item->json, "{\"n\":\"%s\",\"s\":%llu,\"t\":%s}",
+	    ws_node, (unsigned long long)id, typing ? "true" : "false");
 	batch_queue(item);
 }
 
@@ -164,15 +184,17 @@ batch_forget(struct session *s)
 }
 
 static struct batch_item *
-batch_item_new(struct batcher *owner, struct session *s, size_t len)
+batch_item_new(struct batcher *owner, struct session *s, u_int64_t socket_id,
+    size_t len)
 {
 	struct batch_item	*item;
 
 	item = kore_calloc(1, sizeof(*item));
 	item->owner = owner;
 	item->session = s;
-	item->socket_id = s->id;
-	s->batch_item = item;
+	item->socket_id = socket_id;
+	if (s != NULL)
+		s->batch_item = item;
 	kore_buf_init(&item->json, len);
 
 	return (item);
@@ -228,7 +250,7 @@ batch_done(struct db_result *r, void *arg)
 	int64_t			idx, status;
 	int			i, n;
 
-	n = r->ok ? PQntuples(r->res) : 0;
+	n = r->ok && owner->answer != NULL ? PQntuples(r->res) : 0;
 	for (i = 0; i < n; i++) {
 		if (!util_parse_int64(PQgetvalue(r->res, i, 0), 0,
 		    b->count - 1, &idx) ||
@@ -237,8 +259,8 @@ batch_done(struct db_result *r, void *arg)
 			continue;
 		item = b->items[idx];
 		if ((s = item->session) == NULL) {
-			if (status == HTTP_STATUS_OK && owner->orphan != NULL)
-				owner->orphan(item->socket_id);
+			if (status == HTTP_STATUS_OK && owner->close_orphans)
+				batch_close(item->socket_id, 0);
 			continue;
 		}
 		item->session = NULL;

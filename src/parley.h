@@ -217,7 +217,6 @@ void	ws_error(struct session *, const char *, const char *, const char *);
 void	ws_event_done(struct session *);
 void	ws_opened(struct session *, int, const char *, const char *,
 	    const char *);
-void	ws_forget(u_int64_t);
 void	ws_sync(struct session *, int64_t, int64_t);
 int	ws_int_field(yajl_val, const char *, int64_t, int64_t, int64_t *);
 
@@ -227,9 +226,10 @@ void	chat_typing_expired(struct session *);
 void	chat_sent(struct session *, int, const char *, const char *,
 	    const char *);
 
-/* Batching of socket sends and opens (batch.c). */
+/* Batching of socket sends, opens and closes (batch.c). */
 void	batch_send(struct session *, struct message_in *);
 void	batch_open(struct session *);
+void	batch_close(u_int64_t, int);
 void	batch_forget(struct session *);
 int	chat_event(struct session *, const char *, yajl_val, u_int64_t);
 void	notify_opened(struct session *);

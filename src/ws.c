@@ -56,9 +56,6 @@ static void	ws_process(struct session *);
 static size_t	ws_pending_bytes(struct connection *);
 static const char *ws_ref(yajl_val);
 static void	ws_unregister(struct session *);
-static void	ws_closed_add(u_int64_t, int);
-static void	ws_closes_flush(void);
-static void	ws_closes_done(struct db_result *, void *);
 static void	ws_sweep(void *, u_int64_t);
 static void	ws_node_beat(void *, u_int64_t);
 static void	ws_run_loop(u_int64_t, int (*)(void));
@@ -76,18 +73,11 @@ static u_int64_t		ws_next_id;
 static int			ws_is_draining;
 static struct kore_buf		ws_frame;
 
-/* Sockets closed since the last parley_sockets_close call (ws_unregister). */
-static struct kore_buf		ws_closed_ids;
-static struct kore_buf		ws_closed_typing;
-static int			ws_closes_inflight;
-
 void
 ws_init(void)
 {
 	TAILQ_INIT(&ws_sessions);
 	kore_buf_init(&ws_frame, 1024);
-	kore_buf_init(&ws_closed_ids, 256);
-	kore_buf_init(&ws_closed_typing, 64);
 
 	/* This worker's name in the database's socket registry. */
 	(void)snprintf(ws_node, sizeof(ws_node), "%d-%llu-%08x",
@@ -321,11 +311,8 @@ ws_on_disconnect(struct connection *c)
 
 /*
  * Take the socket out of the database's registry (presence, the socket
- * cap) as soon as it is closing. One call at a time per worker, with every
- * socket that closed meanwhile: a storm's thousands of closes then share a
- * few transactions (each commit that NOTIFYs waits for the one before it)
- * instead of queueing one by one. A draining worker forgets all of its
- * sockets at once instead (ws_drain).
+ * cap) as soon as it is closing, batched (batch_close). A draining worker
+ * forgets all of its sockets at once instead (ws_drain).
  */
 static void
 ws_unregister(struct session *s)
@@ -333,63 +320,7 @@ ws_unregister(struct session *s)
 	if (!s->registered || ws_is_draining)
 		return;
 	s->registered = 0;
-	ws_closed_add(s->id, s->typing_until != 0);
-}
-
-/* A socket registered after its session was gone (batch.c). */
-void
-ws_forget(u_int64_t id)
-{
-	if (!ws_is_draining)
-		ws_closed_add(id, 0);
-}
-
-static void
-ws_closed_add(u_int64_t id, int typing)
-{
-	const char	*sep;
-
-	sep = ws_closed_ids.offset > 0 ? "," : "";
-	kore_buf_appendf(&ws_closed_ids, "%s%llu", sep, (unsigned long long)id);
-	kore_buf_appendf(&ws_closed_typing, "%s%c", sep, typing ? 't' : 'f');
-
-	if (!ws_closes_inflight)
-		ws_closes_flush();
-}
-
-static void
-ws_closes_flush(void)
-{
-	const char	*params[3];
-	struct kore_buf	*ids, *typing;
-
-	ids = kore_buf_alloc(ws_closed_ids.offset + 3);
-	typing = kore_buf_alloc(ws_closed_typing.offset + 3);
-	kore_buf_appendf(ids, "{%s}", kore_buf_stringify(&ws_closed_ids, NULL));
-	kore_buf_appendf(typing, "{%s}",
-	    kore_buf_stringify(&ws_closed_typing, NULL));
-
-	/* Empty before the query: a failing one calls back at once. */
-	kore_buf_reset(&ws_closed_ids);
-	kore_buf_reset(&ws_closed_typing);
-
-	params[0] = ws_node;
-	params[1] = kore_buf_stringify(ids, NULL);
-	params[2] = kore_buf_stringify(typing, NULL);
-	ws_closes_inflight = 1;
-	(void)db_query("SELECT parley_sockets_close($1, $2, $3)", 3, params,
-	    ws_closes_done, NULL);
-
-	kore_buf_free(ids);
-	kore_buf_free(typing);
-}
-
-static void
-ws_closes_done(struct db_result *r, void *unused)
-{
-	ws_closes_inflight = 0;
-	if (ws_closed_ids.offset > 0)
-		ws_closes_flush();
+	batch_close(s->id, s->typing_until != 0);
 }
 
 /* Send one JSON text frame. */

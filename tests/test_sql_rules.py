@@ -840,8 +840,9 @@ def test_two_tabs_closing_at_once_make_one_offline(pg, conn, listener):
     assert presence_events(listener, conv) == ["online"]
     # the first close is not committed when the second runs: without a
     # per-user lock each saw the other tab still open and nobody went offline
-    close = "select parley_sockets_close('sql-rules-node', array[%s]::bigint[], '{f}')"
-    race(pg, conn, lambda c: one(c, close, tabs[0]), lambda c: one(c, close, tabs[1]))
+    close = "select parley_sockets_close(%s::jsonb)"
+    race(pg, conn, lambda c: one(c, close, json.dumps([{"n": "sql-rules-node", "s": tabs[0]}])),
+         lambda c: one(c, close, json.dumps([{"n": "sql-rules-node", "s": tabs[1]}])))
     assert presence_events(listener, conv) == ["offline"]
     assert one(conn, "select parley_user_online(%s, %s)", conv, a) is False
 
@@ -859,8 +860,8 @@ def test_closes_in_one_call_each_send_what_one_would(pg, conn, listener):
     listener.collect()
     # both of a's tabs, b's (typing) and a socket that is not there: one
     # offline each for a and b, b's typing ended, c untouched
-    one(conn, "select parley_sockets_close('sql-rules-node', %s::bigint[], %s::boolean[])",
-        a_tabs + [b_tab, 10 ** 15], [False, False, True, False])
+    one(conn, "select parley_sockets_close(%s::jsonb)", json.dumps(
+        [{"n": "sql-rules-node", "s": t, "t": t == b_tab} for t in a_tabs + [b_tab, 10 ** 15]]))
     events = [json.loads(e[4]) for e in listener.collect() if e[0] == "e" and e[2] == conv]
     assert sorted((e["type"], e["user_id"], e.get("status", e.get("is_typing")))
                   for e in events) == sorted([("presence", a, "offline"),
