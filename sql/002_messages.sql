@@ -295,9 +295,11 @@ $$;
 -- statement's, or a deferred range of one conversation's): one unread per
 -- user and conversation, updated in place (same id) with the latest message
 -- from someone else and the number of messages it stands for. A sender's
--- stands for the others' messages only (none: no notification); a reader
--- already past the latest message gets none. Its insert/update trigger
--- (004_notifications.sql) sends the 'n' event with the live counts.
+-- stands for the others' messages only (none: no notification). A reader
+-- already past the latest message (a deferred range: they read it before
+-- the drain) gets a new one already read, as if their read had come after
+-- it. Its insert/update trigger (004_notifications.sql) sends the 'n' event
+-- of unread ones with the live counts.
 -- Set-based: per recipient one row written, whatever the number of messages.
 create or replace function parley_collapse_notifications(p_messages messages[])
 returns void
@@ -335,7 +337,9 @@ begin
           left join users u on u.id = b.sender_id),
     recipients as (
         select q.user_id, m.conversation_id, m.payload, m.created_at,
-               l.n - coalesce(s.n, 0) as n
+               l.n - coalesce(s.n, 0) as n,
+               case when q.last_read_message_id >= m.id
+                    then clock_timestamp() end as read_at
           from per_conversation l
           join participants q on q.conversation_id = l.conversation_id and not q.muted
           left join per_sender s on s.conversation_id = q.conversation_id
@@ -343,12 +347,14 @@ begin
           join payloads m on m.id = case when s.sender_id is null then l.id
                                          else s.latest_other end
          where l.n > coalesce(s.n, 0)
-           and q.last_read_message_id < m.id
            and not exists (select 1 from notification_preferences np
                             where np.user_id = q.user_id
                               and 'new_message' = any (np.disabled_types)))
-    insert into notifications as n (user_id, type, payload, conversation_id, count, created_at)
-    select x.user_id, 'new_message', x.payload, x.conversation_id, x.n, x.created_at
+    -- (A read one is outside the collapse key: a plain insert.)
+    insert into notifications as n (user_id, type, payload, conversation_id, count,
+                                    created_at, read_at)
+    select x.user_id, 'new_message', x.payload, x.conversation_id, x.n, x.created_at,
+           x.read_at
       from recipients x
      order by x.user_id collate "C", x.conversation_id      -- a stable lock order
     on conflict (user_id, conversation_id) where type = 'new_message' and read_at is null

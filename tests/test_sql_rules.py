@@ -578,19 +578,19 @@ def test_big_conversation_queues_its_notifications_for_the_drain(pg, conn, liste
                           "where conversation_id = %s order by id", conv) == [(m1, m1), (m2, m2)]
         kinds = [e[0] for e in listener.collect()]
         assert "m" in kinds and "f" in kinds
-        # c has read everything already: the drain gives c none
+        # c has read everything already: the drain gives c one already read
         one(conn, "select parley_mark_read(%s, %s, null)", conv, c)
         assert one(holder, "select parley_fanout_drain()") is True
     finally:
         holder.close()
     assert one(conn, "select count(*) from parley_fanout where conversation_id = %s",
                conv) == 0
-    got = dict((u, (n, p)) for u, n, p in rows(
-        conn, "select user_id, count, (payload->'message'->>'id')::bigint "
-              "from notifications where conversation_id = %s", conv))
-    assert got[a] == (1, m2) and got[b] == (1, m1)
-    assert got[members[5]] == (2, m2)
-    assert c not in got and len(got) == len(members) - 1
+    got = dict((u, (n, p, r)) for u, n, p, r in rows(
+        conn, "select user_id, count, (payload->'message'->>'id')::bigint, "
+              "read_at is not null from notifications where conversation_id = %s", conv))
+    assert got[a] == (1, m2, False) and got[b] == (1, m1, False)
+    assert got[members[5]] == (2, m2, False)
+    assert got[c] == (2, m2, True) and len(got) == len(members)
 
 
 def test_fanout_drain_never_holds_up_a_sender(pg, conn):
