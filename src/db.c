@@ -88,6 +88,7 @@ static void	db_sweep(void *, u_int64_t);
 static void	db_query_finish(struct db_query *, PGresult *, const char *);
 static void	db_query_free(struct db_query *);
 static void	db_notice(void *, const char *);
+static int	db_pool_alive(void);
 
 static struct db_conn		*db_conns;
 static struct db_query_list	db_queue;
@@ -167,17 +168,25 @@ db_connect_blocking(void)
 	return (pg);
 }
 
-/* Ready means migrated and at least one pooled connection is up. */
+/*
+ * Ready means migrated and a pooled connection is up or connecting: a
+ * query queued meanwhile runs once it is up (a worker's pool is still
+ * connecting when the first sockets reach it), and fails when the
+ * connect does (bounded by connect_timeout).
+ */
 int
 db_ready(void)
 {
+	return (db_migrated && db_pool_alive());
+}
+
+static int
+db_pool_alive(void)
+{
 	int		i;
 
-	if (!db_migrated)
-		return (0);
-
 	for (i = 0; i < parley_cfg.db_pool_size; i++) {
-		if (db_conns[i].state >= DB_CONN_IDLE)
+		if (db_conns[i].state != DB_CONN_DOWN)
 			return (1);
 	}
 
@@ -496,7 +505,6 @@ static void
 db_conn_fail(struct db_conn *conn, const char *why)
 {
 	struct db_query		*q;
-	int			i;
 
 	if (conn->pg != NULL) {
 		if (!db_stopping) {
@@ -534,10 +542,8 @@ db_conn_fail(struct db_conn *conn, const char *why)
 	if (conn->backoff > DB_BACKOFF_MAX)
 		conn->backoff = DB_BACKOFF_MAX;
 
-	for (i = 0; i < parley_cfg.db_pool_size; i++) {
-		if (db_conns[i].state >= DB_CONN_IDLE)
-			return;
-	}
+	if (db_pool_alive())
+		return;
 
 	while ((q = TAILQ_FIRST(&db_queue)) != NULL) {
 		TAILQ_REMOVE(&db_queue, q, list);

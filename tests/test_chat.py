@@ -1430,6 +1430,33 @@ def test_sockets_spread_over_the_workers(make_server, conn, sockets):
     assert min(per_worker.values()) >= 4, per_worker
 
 
+def test_sockets_are_served_as_soon_as_the_server_is_ready(make_server, conn,
+                                                          sockets):
+    """/readyz is answered by one worker; the other may still be connecting
+    its database pool then. A socket reaching it waits for the connection
+    instead of being refused with 1013 try_again_later (three fresh
+    servers, twelve sockets each, opened at once the moment /readyz says
+    ready)."""
+    for _ in range(3):
+        u = new_id()
+        conv = create_conversation(conn, [u, new_id()])
+        srv = make_server()
+        frames = []
+
+        def opener():
+            try:
+                frames.append(join(sockets, srv, conv, u).ready["type"])
+            except Closed as c:
+                frames.append((c.code, c.reason))
+
+        threads = [threading.Thread(target=opener) for _ in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert frames == ["ready"] * 12
+
+
 def test_users_on_two_different_workers(server, conn, sockets):
     """a and b on different workers see each other's messages, typing,
     reads and presence; a's two notification tabs on different workers
