@@ -31,6 +31,8 @@ int	api_messages(struct http_request *);
 
 static int	messages_history(struct http_request *,
 		    const struct identity *, const char *);
+static int	messages_history_page(struct db_result *, int,
+		    struct kore_buf *);
 static int	messages_send(struct http_request *,
 		    const struct identity *, const char *);
 static int	messages_sender(struct http_request *, yajl_val,
@@ -38,7 +40,7 @@ static int	messages_sender(struct http_request *, yajl_val,
 		    char *, size_t, const char **, const char **);
 
 static const char	history_sql[] =
-    "SELECT parley_history($1, $2, $3, $4, $5)";
+    "SELECT * FROM parley_history($1, $2, $3, $4, $5)";
 
 static const char	send_sql[] =
     "SELECT * FROM parley_rest_post_message($1, $2, $3, $4, $5, $6, $7)";
@@ -81,7 +83,40 @@ messages_history(struct http_request *req, const struct identity *id,
 	params[3] = page.after;
 	params[4] = page.limit;
 
-	return (rest_query(req, HTTP_STATUS_OK, history_sql, 5, params, NULL));
+	return (rest_query(req, HTTP_STATUS_OK, history_sql, 5, params,
+	    messages_history_page));
+}
+
+/* parley_history's rows, oldest first: the page, and whether more exist. */
+static int
+messages_history_page(struct db_result *r, int ok_status,
+    struct kore_buf *body)
+{
+	int		i, n, more, first;
+
+	if (PQnfields(r->res) != MESSAGE_COLUMNS + 1) {
+		rest_error_body(body, "internal", "unexpected result");
+		return (HTTP_STATUS_INTERNAL_ERROR);
+	}
+
+	more = 0;
+	first = 1;
+	n = PQntuples(r->res);
+
+	kore_buf_append(body, "{\"messages\":[", 13);
+	for (i = 0; i < n; i++) {
+		if (*PQgetvalue(r->res, i, MESSAGE_COLUMNS) == 't') {
+			more = 1;
+			continue;
+		}
+		if (!first)
+			kore_buf_append(body, ",", 1);
+		first = 0;
+		message_render(body, r->res, i);
+	}
+	kore_buf_appendf(body, "],\"has_more\":%s}", more ? "true" : "false");
+
+	return (ok_status);
 }
 
 /* 201 with the stored message, 200 with the original for a repeat. */

@@ -227,6 +227,7 @@ batch_flush(struct batcher *owner)
 	while ((item = TAILQ_FIRST(&owner->pending)) != NULL &&
 	    b->count < owner->max) {
 		TAILQ_REMOVE(&owner->pending, item, list);
+		util_buf_reserve(&array, item->json.offset + 2);
 		if (b->count > 0)
 			kore_buf_append(&array, ",", 1);
 		kore_buf_append(&array, item->json.data, item->json.offset);

@@ -39,6 +39,7 @@ json_append_string(struct kore_buf *buf, const char *s, size_t len)
 	const u_int8_t	*p, *end, *run;
 	char		esc[8];
 
+	util_buf_reserve(buf, len + 2);
 	kore_buf_append(buf, "\"", 1);
 
 	run = (const u_int8_t *)s;

@@ -38,6 +38,8 @@ static const char *message_string(yajl_val, const char *, int *);
 static int	message_metadata(struct message_in *, yajl_val);
 static int	message_number_in(yajl_val, const char *, double, double);
 static void	message_trim(struct message_in *, const char *);
+static void	message_render_string(struct kore_buf *, PGresult *, int,
+		    int, const char *);
 
 /* Whether `type` names a message type (the compatibility form's type). */
 int
@@ -236,6 +238,67 @@ message_number_in(yajl_val obj, const char *name, double min, double max)
 
 	d = YAJL_IS_INTEGER(v) ? (double)v->u.number.i : v->u.number.d;
 	return (isfinite(d) && d >= min && d <= max);
+}
+
+/*
+ * Append the message object of PROTOCOL.md for row `row` of `res`, whose
+ * first MESSAGE_COLUMNS columns are parley_history()'s: id,
+ * conversation_id, sender_id, sender_name, content, type, metadata (JSON
+ * text), client_id, timestamp, is_read. Live frames get the same object
+ * from parley_message_json() in SQL; a test holds the two to each other.
+ */
+void
+message_render(struct kore_buf *buf, PGresult *res, int row)
+{
+	const char	*ts;
+	size_t		len;
+	int		col;
+
+	len = 256;
+	for (col = 0; col < MESSAGE_COLUMNS; col++)
+		len += PQgetlength(res, row, col);
+	util_buf_reserve(buf, len);
+
+	kore_buf_append(buf, "{\"id\":", 6);
+	kore_buf_append(buf, PQgetvalue(res, row, 0), PQgetlength(res, row, 0));
+	kore_buf_append(buf, ",\"conversation_id\":", 19);
+	kore_buf_append(buf, PQgetvalue(res, row, 1), PQgetlength(res, row, 1));
+	message_render_string(buf, res, row, 2, "sender_id");
+	message_render_string(buf, res, row, 3, "sender_name");
+	message_render_string(buf, res, row, 4, "message_text");
+	message_render_string(buf, res, row, 4, "content");
+	message_render_string(buf, res, row, 5, "message_type");
+
+	kore_buf_append(buf, ",\"metadata\":", 12);
+	if (PQgetisnull(res, row, 6))
+		kore_buf_append(buf, "null", 4);
+	else
+		kore_buf_append(buf, PQgetvalue(res, row, 6),
+		    PQgetlength(res, row, 6));
+
+	message_render_string(buf, res, row, 7, "client_id");
+
+	/* The timestamp is ASCII, under both of its names. */
+	ts = PQgetvalue(res, row, 8);
+	kore_buf_appendf(buf, ",\"timestamp\":\"%s\",\"created_at\":\"%s\"",
+	    ts, ts);
+	if (*PQgetvalue(res, row, 9) == 't')
+		kore_buf_append(buf, ",\"is_read\":true}", 16);
+	else
+		kore_buf_append(buf, ",\"is_read\":false}", 17);
+}
+
+/* ,"name":<column as a JSON string, or null> */
+static void
+message_render_string(struct kore_buf *buf, PGresult *res, int row, int col,
+    const char *name)
+{
+	kore_buf_appendf(buf, ",\"%s\":", name);
+	if (PQgetisnull(res, row, col))
+		kore_buf_append(buf, "null", 4);
+	else
+		json_append_string(buf, PQgetvalue(res, row, col),
+		    PQgetlength(res, row, col));
 }
 
 /* Content without surrounding whitespace (ASCII and U+00A0). */

@@ -121,6 +121,11 @@ int	message_is_type(const char *);
 int	message_parse(yajl_val, int, struct message_in *);
 void	message_cleanup(struct message_in *);
 
+/* The columns message_render() reads: those of parley_history(). */
+#define MESSAGE_COLUMNS		10
+
+void	message_render(struct kore_buf *, PGresult *, int);
+
 /* Sockets: what chat and notification sockets share (ws.c). */
 #define SESSION_CHAT		0
 #define SESSION_NOTIFY		1
@@ -283,6 +288,7 @@ void	rest_error(struct http_request *, int, const char *, const char *);
 int	rest_method(struct http_request *, int);
 int	rest_identity(struct http_request *, int, struct identity *);
 int	rest_body(struct http_request *, yajl_val *);
+void	rest_error_body(struct kore_buf *, const char *, const char *);
 int	rest_query(struct http_request *, int, const char *, int,
 	    const char *const *, rest_finish_fn);
 int	rest_resume(struct http_request *);
@@ -341,5 +347,6 @@ int	util_parse_int64(const char *, int64_t, int64_t, int64_t *);
 int	util_query_get(struct http_request *, const char *, char *, size_t);
 int64_t	util_now(void);
 int	util_path_id(struct http_request *, int64_t *);
+void	util_buf_reserve(struct kore_buf *, size_t);
 
 #endif

@@ -42,7 +42,6 @@ struct rest_call {
 
 static void	rest_call_free(struct http_request *);
 static void	rest_query_done(struct db_result *, void *);
-static void	rest_error_body(struct kore_buf *, const char *, const char *);
 static char	*rest_param(struct http_request *, const char *);
 static int	rest_digits(const char *);
 static int	rest_id_value(const char *, int64_t, char *, size_t);
@@ -246,7 +245,7 @@ rest_call_free(struct http_request *req)
 	http_state_cleanup(req);
 }
 
-static void
+void
 rest_error_body(struct kore_buf *buf, const char *code, const char *message)
 {
 	kore_buf_reset(buf);

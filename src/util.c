@@ -139,3 +139,25 @@ util_path_id(struct http_request *req, int64_t *out)
 
 	return (KORE_RESULT_ERROR);
 }
+
+/*
+ * Room for `more` bytes past buf's offset, at least doubling it. Kore's
+ * kore_buf_append grows a buffer by exactly what it appends and its
+ * kore_realloc always copies, so a body built from n pieces was copied n
+ * times (a 50-message history page: most of the server's time per request).
+ */
+void
+util_buf_reserve(struct kore_buf *buf, size_t more)
+{
+	size_t		need;
+
+	if ((need = buf->offset + more) < more)
+		fatal("util_buf_reserve: overflow");
+	if (need <= buf->length)
+		return;
+
+	if (need < buf->length * 2)
+		need = buf->length * 2;
+	buf->data = kore_realloc(buf->data, need);
+	buf->length = need;
+}

@@ -14,7 +14,7 @@ import threading
 import pytest
 import requests
 
-from helpers import api, make_token, new_id, service_token
+from helpers import WS, api, make_token, new_id, service_token
 
 
 # ---------------------------------------------------------------------------------
@@ -1047,6 +1047,49 @@ def test_history_access(server, conn):
     missing = one(conn, "select coalesce(max(id), 0) + 1000 from conversations")
     error(api(server, "GET", "/api/conversations/%d/messages" % missing, SERVICE),
           404, "not_found")
+
+
+def test_history_objects_are_those_of_the_live_frames(server, conn):
+    """History pages are rendered by the server from rows, live frames by
+    PostgreSQL: the same message object either way, for every kind of
+    field (escapes, non-ASCII, metadata, client ids, a SYSTEM message, a
+    sender not seen yet, is_read before and after a read)."""
+    a, b = users(2)
+    stranger = new_id()
+    conv = conversation(server, a.token, [b.id, stranger])["id"]
+    ws = WS(server, "/ws/chat/%d/" % conv, b.token)
+    try:
+        assert ws.recv()["type"] == "ready"
+        sent = [
+            send(server, a.token, conv, {
+                "content": 'quote " backslash \\ slash / tab \t nl \n cr \r '
+                           'ctl \x01 \x1f del \x7f', "client_id": "c-1"}),
+            send(server, a.token, conv, {
+                "content": "h\u00e9llo \u2603 \U0001F600 \u2028 end",
+                "message_type": "LOCATION",
+                "metadata": {"lat": 1.5, "lng": -2, "label": 'Caf\u00e9 "x"',
+                             "nested": {"a": [1, None, True, 1e-7]}}}),
+            send(server, b.token, conv, {"content": "reply", "client_id": "c-2"}),
+            send(server, SERVICE, conv, {"message_type": "SYSTEM", "content": "Paid"}),
+            send(server, SERVICE, conv, {"content": "on behalf", "sender_id": stranger}),
+        ]
+        live = []
+        while len(live) < len(sent):
+            frame = ws.recv()
+            if frame["type"] == "message":
+                live.append(frame["message"])
+    finally:
+        ws.close()
+    assert [m["id"] for m in live] == [m["id"] for m in sent]
+    assert history(server, a.token, conv)["messages"] == live
+    # Once everyone has read, is_read turns true in both renderings.
+    for who in (a, b):
+        ok(api(server, "POST", "/api/conversations/%d/read" % conv, who.token, {}))
+    conn.cursor().execute("select parley_mark_read(%s, %s, null)", (conv, stranger))
+    page = history(server, b.token, conv)["messages"]
+    assert [m["is_read"] for m in page] == [True] * len(sent)
+    assert page == [one(conn, "select parley_message_json(%s::bigint)", m["id"])
+                    for m in page]
 
 
 @pytest.mark.parametrize("query", [

@@ -498,8 +498,8 @@ def test_mark_read_never_moves_back(conn, listener):
     assert one(conn, "select read_at is not null from notifications where id = %s", note)
 
     # the message is now read by everyone but its sender
-    hist = call_json(conn, "select parley_history(%s, %s, null, null, 10)", conv, b)
-    assert [m["is_read"] for m in hist["messages"]] == [True, True, True]
+    assert [r[0] for r in rows(conn, "select is_read from parley_history(%s, %s, null, null, 10)",
+                               conv, b)] == [True, True, True]
     expect_px(conn, 404, "not_found", "select parley_mark_read(%s, %s, null)",
               conv, new_id("nobody"))
 
@@ -616,33 +616,33 @@ def test_fanout_drain_never_holds_up_a_sender(pg, conn):
                 conv, members[2]) == [(2, late)]
 
 
+def history_page(conn, *args):
+    """parley_history's page: (ids oldest first, has_more)."""
+    got = rows(conn, "select id, extra from parley_history(%s, %s, %s, %s, %s)", *args)
+    assert [r[0] for r in got] == sorted(r[0] for r in got)
+    return [r[0] for r in got if not r[1]], any(r[1] for r in got)
+
+
 def test_history_pages_and_sync(conn):
     a, b = touch(conn, "Ana", "Bob")
     conv = create(conn, a, [a, b])["conversation"]["id"]
     ids = [insert_message(conn, conv, a if i % 2 else b, f"m{i}") for i in range(7)]
-    hist = "select parley_history(%s, %s, %s, %s, %s)"
 
-    latest = call_json(conn, hist, conv, a, None, None, 3)
-    assert [m["id"] for m in latest["messages"]] == ids[4:] and latest["has_more"] is True
-    before = call_json(conn, hist, conv, a, ids[4], None, 3)
-    assert [m["id"] for m in before["messages"]] == ids[1:4] and before["has_more"] is True
-    oldest = call_json(conn, hist, conv, a, ids[1], None, 3)
-    assert [m["id"] for m in oldest["messages"]] == ids[:1] and oldest["has_more"] is False
-    after = call_json(conn, hist, conv, a, None, ids[0], 3)
-    assert [m["id"] for m in after["messages"]] == ids[1:4] and after["has_more"] is True
-    tail = call_json(conn, hist, conv, a, None, ids[3], 3)
-    assert [m["id"] for m in tail["messages"]] == ids[4:] and tail["has_more"] is False
-    window = call_json(conn, hist, conv, a, ids[5], ids[0], 10)
-    assert [m["id"] for m in window["messages"]] == ids[1:5] and window["has_more"] is False
-    service = call_json(conn, hist, conv, None, None, None, 100)
-    assert len(service["messages"]) == 7
-    expect_px(conn, 404, "not_found", hist, conv, new_id("nobody"), None, None, 3)
+    assert history_page(conn, conv, a, None, None, 3) == (ids[4:], True)
+    assert history_page(conn, conv, a, ids[4], None, 3) == (ids[1:4], True)
+    assert history_page(conn, conv, a, ids[1], None, 3) == (ids[:1], False)
+    assert history_page(conn, conv, a, None, ids[0], 3) == (ids[1:4], True)
+    assert history_page(conn, conv, a, None, ids[3], 3) == (ids[4:], False)
+    assert history_page(conn, conv, a, ids[5], ids[0], 10) == (ids[1:5], False)
+    assert history_page(conn, conv, None, None, None, 100) == (ids, False)
+    expect_px(conn, 404, "not_found", "select * from parley_history(%s, %s, %s, %s, %s)",
+              conv, new_id("nobody"), None, None, 3)
 
     synced = rows(conn, "select id, frame from parley_sync(%s, %s, %s)", conv, ids[2], 3)
     assert [r[0] for r in synced] == ids[3:6]
     frame = json.loads(synced[0][1])
     assert frame["type"] == "message" and frame["replay"] is True
-    assert frame["message"] == after["messages"][2]
+    assert frame["message"] == one(conn, "select parley_message_json(%s::bigint)", ids[3])
     live = json.loads(one(conn, "select parley_message_frame(%s, false)", ids[3]))
     assert "replay" not in live and live["message"] == frame["message"]
 
