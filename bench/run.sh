@@ -30,10 +30,14 @@ PG_PID=0
 LG="$BENCH/loadgen --url $URL --secret $SECRET"
 
 # PostgreSQL as configured for every scenario: durable commits, memory for
-# a 2-core / 24 GiB machine. Override with BENCH_PG_SETTINGS.
+# a 2-core / 24 GiB machine. Override with BENCH_PG_SETTINGS. Huge pages:
+# with 4 KiB pages every backend takes a page fault for each page of
+# shared_buffers it touches first (deep history pages ran 3-6x slower, the
+# more so the more backends); setup() reserves them when it may.
 PG_SETTINGS=${BENCH_PG_SETTINGS:-"shared_buffers=2GB effective_cache_size=8GB
 work_mem=16MB maintenance_work_mem=512MB max_connections=400 wal_buffers=32MB
-max_wal_size=16GB checkpoint_timeout=30min fsync=on synchronous_commit=on"}
+max_wal_size=16GB checkpoint_timeout=30min fsync=on synchronous_commit=on
+huge_pages=try"}
 
 q() { [ "$QUICK" = 1 ] && echo "$1" || echo "$2"; }
 
@@ -68,10 +72,34 @@ setup() {
 		psql_db postgres -c "ALTER SYSTEM SET ${s%%=*} = '${s#*=}'"
 	done
 	as_pg "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/log" -w restart >/dev/null
+	if [ "$(huge_pages_used)" = no ] && reserve_huge_pages; then
+		as_pg "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/log" -w \
+		    restart >/dev/null
+	fi
 	PG_PID=$(head -1 "$PG_DIR/data/postmaster.pid")
 	log "PostgreSQL $PG_DIR (port $PG_PORT, pid $PG_PID)"
-	PG_DESC=$(echo $PG_SETTINGS)
+	PG_DESC="$(echo $PG_SETTINGS) (huge pages in use: $(huge_pages_used))"
 	trap cleanup EXIT
+}
+
+# Enough 2 MiB huge pages for the cluster's shared memory as it is now
+# configured (PostgreSQL says how many), when this user may set
+# vm.nr_hugepages. True when it reserved more.
+reserve_huge_pages() {
+	local need have
+	need=$(psql_db postgres -tAc "SHOW shared_memory_size_in_huge_pages")
+	have=$(cat /proc/sys/vm/nr_hugepages 2>/dev/null || echo 0)
+	[ "${need:-0}" -gt "$have" ] || return 1
+	if ! echo "$need" >/proc/sys/vm/nr_hugepages 2>/dev/null; then
+		log "cannot reserve $need huge pages: PostgreSQL uses 4 KiB pages"
+		return 1
+	fi
+}
+
+huge_pages_used() {
+	awk '/^HugePages_(Total|Free)/ { v[$1] = $2 }
+	    END { print (v["HugePages_Total:"] > v["HugePages_Free:"]) ? "yes" : "no" }' \
+	    /proc/meminfo
 }
 
 # The server always; the cluster unless BENCH_KEEP_PG=1 (its data, the
@@ -432,6 +460,9 @@ EOF
 		echo "}"
 		cat "$BENCH/history.lua"
 	} >"$RAW/history.lua"
+	# Steady state: the table in shared_buffers, as on a busy site.
+	psql_db "$db" -c "CREATE EXTENSION IF NOT EXISTS pg_prewarm" \
+	    -c "SELECT pg_prewarm('messages'), pg_prewarm('messages_conversation')" >/dev/null
 	params rows="$rows" conversations="$nc" seconds="$d" connections="$conns" limit=50
 	local mode
 	for mode in latest deep; do

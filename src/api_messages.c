@@ -103,14 +103,14 @@ messages_history_page(struct db_result *r, int ok_status,
 	first = 1;
 	n = PQntuples(r->res);
 
-	kore_buf_append(body, "{\"messages\":[", 13);
+	UTIL_BUF_LITERAL(body, "{\"messages\":[");
 	for (i = 0; i < n; i++) {
 		if (*PQgetvalue(r->res, i, MESSAGE_COLUMNS) == 't') {
 			more = 1;
 			continue;
 		}
 		if (!first)
-			kore_buf_append(body, ",", 1);
+			UTIL_BUF_LITERAL(body, ",");
 		first = 0;
 		message_render(body, r->res, i);
 	}

@@ -259,43 +259,47 @@ message_render(struct kore_buf *buf, PGresult *res, int row)
 		len += PQgetlength(res, row, col);
 	util_buf_reserve(buf, len);
 
-	kore_buf_append(buf, "{\"id\":", 6);
+	UTIL_BUF_LITERAL(buf, "{\"id\":");
 	kore_buf_append(buf, PQgetvalue(res, row, 0), PQgetlength(res, row, 0));
-	kore_buf_append(buf, ",\"conversation_id\":", 19);
+	UTIL_BUF_LITERAL(buf, ",\"conversation_id\":");
 	kore_buf_append(buf, PQgetvalue(res, row, 1), PQgetlength(res, row, 1));
-	message_render_string(buf, res, row, 2, "sender_id");
-	message_render_string(buf, res, row, 3, "sender_name");
-	message_render_string(buf, res, row, 4, "message_text");
-	message_render_string(buf, res, row, 4, "content");
-	message_render_string(buf, res, row, 5, "message_type");
+	message_render_string(buf, res, row, 2, ",\"sender_id\":");
+	message_render_string(buf, res, row, 3, ",\"sender_name\":");
+	message_render_string(buf, res, row, 4, ",\"message_text\":");
+	message_render_string(buf, res, row, 4, ",\"content\":");
+	message_render_string(buf, res, row, 5, ",\"message_type\":");
 
-	kore_buf_append(buf, ",\"metadata\":", 12);
+	UTIL_BUF_LITERAL(buf, ",\"metadata\":");
 	if (PQgetisnull(res, row, 6))
-		kore_buf_append(buf, "null", 4);
+		UTIL_BUF_LITERAL(buf, "null");
 	else
 		kore_buf_append(buf, PQgetvalue(res, row, 6),
 		    PQgetlength(res, row, 6));
 
-	message_render_string(buf, res, row, 7, "client_id");
+	message_render_string(buf, res, row, 7, ",\"client_id\":");
 
 	/* The timestamp is ASCII, under both of its names. */
 	ts = PQgetvalue(res, row, 8);
-	kore_buf_appendf(buf, ",\"timestamp\":\"%s\",\"created_at\":\"%s\"",
-	    ts, ts);
+	len = PQgetlength(res, row, 8);
+	UTIL_BUF_LITERAL(buf, ",\"timestamp\":\"");
+	kore_buf_append(buf, ts, len);
+	UTIL_BUF_LITERAL(buf, "\",\"created_at\":\"");
+	kore_buf_append(buf, ts, len);
+	UTIL_BUF_LITERAL(buf, "\"");
 	if (*PQgetvalue(res, row, 9) == 't')
-		kore_buf_append(buf, ",\"is_read\":true}", 16);
+		UTIL_BUF_LITERAL(buf, ",\"is_read\":true}");
 	else
-		kore_buf_append(buf, ",\"is_read\":false}", 17);
+		UTIL_BUF_LITERAL(buf, ",\"is_read\":false}");
 }
 
-/* ,"name":<column as a JSON string, or null> */
+/* `key` (,"name":) and the column as a JSON string, or null. */
 static void
 message_render_string(struct kore_buf *buf, PGresult *res, int row, int col,
-    const char *name)
+    const char *key)
 {
-	kore_buf_appendf(buf, ",\"%s\":", name);
+	kore_buf_append(buf, key, strlen(key));
 	if (PQgetisnull(res, row, col))
-		kore_buf_append(buf, "null", 4);
+		UTIL_BUF_LITERAL(buf, "null");
 	else
 		json_append_string(buf, PQgetvalue(res, row, col),
 		    PQgetlength(res, row, col));

@@ -349,4 +349,7 @@ int64_t	util_now(void);
 int	util_path_id(struct http_request *, int64_t *);
 void	util_buf_reserve(struct kore_buf *, size_t);
 
+/* Append a string literal to a kore_buf. */
+#define UTIL_BUF_LITERAL(b, s)	kore_buf_append((b), (s), sizeof(s) - 1)
+
 #endif
