@@ -225,27 +225,25 @@ begin
 end
 $$;
 
--- The socket 'message' event around a message object; replays carry "replay":true.
-create or replace function parley_message_event(p_message json, p_replay boolean)
+-- The socket 'message' event around a message object (replays are rendered by
+-- the server, with "replay":true).
+create or replace function parley_message_event(p_message json)
 returns text
 language sql stable
 as $$
-    select case when p_replay
-                then json_build_object('type', 'message', 'message', p_message, 'replay', true)
-                else json_build_object('type', 'message', 'message', p_message)
-           end::text
+    select json_build_object('type', 'message', 'message', p_message)::text
 $$;
 
 -- The 'message' event of one stored message (null when there is none); the server
 -- calls it for 'M' references.
-create or replace function parley_message_frame(p_id bigint, p_replay boolean) returns text
+create or replace function parley_message_frame(p_id bigint) returns text
 language plpgsql stable
 set search_path from current
 as $$
 declare
     j json := parley_message_json(p_id);
 begin
-    return case when j is not null then parley_message_event(j, coalesce(p_replay, false)) end;
+    return case when j is not null then parley_message_event(j) end;
 end
 $$;
 
@@ -391,7 +389,7 @@ begin
     -- holds the conversation's lock), and NOTIFY keeps it.
     for r in
         select i.id, i.conversation_id,
-               parley_message_event(parley_new_message_json(i), false) as frame
+               parley_message_event(parley_new_message_json(i)) as frame
           from inserted i
          order by i.id
     loop
@@ -594,31 +592,6 @@ begin
     -- Rendered from the inserted row, as the trigger renders the live frame.
     return json_build_object('status', 'created',
                              'message', parley_new_message_json(m))::text;
-end
-$$;
-
--- Replay: messages with id > p_after, oldest first, as 'message' events with
--- "replay":true. The server asks limit+1 rows to compute has_more.
-create or replace function parley_sync(p_conversation bigint, p_after bigint, p_limit integer)
-returns table (id bigint, frame text)
-language plpgsql
-set search_path from current
-as $$
-declare
-    f record := parley_read_floor(p_conversation);
-begin
-    return query
-    select m.id,
-           parley_message_event(
-               parley_message_json(m, u.name,
-                   parley_is_read(m.id, m.sender_id, f.min_user, f.min_read, f.next_read)),
-               true)
-      from messages m
-      left join users u on u.id = m.sender_id
-     where m.conversation_id = p_conversation
-       and m.id > coalesce(p_after, 0)
-     order by m.id
-     limit greatest(coalesce(p_limit, 200), 0);
 end
 $$;
 

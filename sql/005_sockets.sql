@@ -300,7 +300,7 @@ returns table (id bigint, frame text)
 language sql stable
 set search_path from current
 as $$
-    select m.id, parley_message_frame(m.id, false)
+    select m.id, parley_message_frame(m.id)
       from messages m
      where m.conversation_id = p_conversation and m.id > p_after
      order by m.id

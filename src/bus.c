@@ -180,7 +180,7 @@ bus_fetch(struct bus_parsed *p)
 
 	bus_paused++;
 	(void)db_query(p->kind == 'M' ?
-	    "SELECT parley_message_frame($1, false)" :
+	    "SELECT parley_message_frame($1)" :
 	    "SELECT parley_notification_frame($1)", 1, params,
 	    bus_fetched, NULL);
 }

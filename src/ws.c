@@ -47,6 +47,8 @@ static int	ws_event(struct session *, const char *, yajl_val, u_int64_t);
 static void	ws_pong(struct session *);
 static void	ws_auth(struct session *, yajl_val);
 static void	ws_synced(struct db_result *, void *);
+static void	ws_replay(struct session *, PGresult *, int,
+		    struct kore_buf *);
 static int	ws_origin_allowed(struct http_request *);
 static int	ws_offers_parley(struct http_request *);
 static void	ws_reject(struct session *, int);
@@ -666,8 +668,14 @@ ws_sync(struct session *s, int64_t after, int64_t limit)
 	s->sync_after = after;
 	s->sync_limit = limit;
 
+	/*
+	 * A chat replay is a page of history (rendered here like REST's, the
+	 * row past it saying has_more); notifications come as frames, one
+	 * more than asked saying has_more.
+	 */
 	(void)snprintf(a, sizeof(a), "%lld", (long long)after);
-	(void)snprintf(l, sizeof(l), "%lld", (long long)limit + 1);
+	(void)snprintf(l, sizeof(l), "%lld",
+	    (long long)limit + (s->kind == SESSION_CHAT ? 0 : 1));
 	params[1] = a;
 	params[2] = l;
 
@@ -675,8 +683,9 @@ ws_sync(struct session *s, int64_t after, int64_t limit)
 		(void)snprintf(key, sizeof(key), "%lld",
 		    (long long)s->conversation_id);
 		params[0] = key;
-		s->query = db_query("SELECT id, frame FROM "
-		    "parley_sync($1, $2, $3)", 3, params, ws_synced, s);
+		s->query = db_query("SELECT * FROM "
+		    "parley_history($1, NULL, NULL, $2, $3)", 3, params,
+		    ws_synced, s);
 	} else {
 		params[0] = s->ident.user_id;
 		s->query = db_query("SELECT id, frame FROM "
@@ -694,26 +703,31 @@ ws_synced(struct db_result *r, void *arg)
 	int			i, n, more;
 
 	s->query = NULL;
-	if (!r->ok) {
+	if (!r->ok || PQnfields(r->res) != (s->kind == SESSION_CHAT ?
+	    MESSAGE_COLUMNS + 1 : 2)) {
 		ws_error(s, "internal", "the replay failed; try again", NULL);
 		hub_hold_drop(s);
 		ws_event_done(s);
 		return;
 	}
 
-	n = PQntuples(r->res);
-	more = n > s->sync_limit;
-	if (more)
-		n = (int)s->sync_limit;
-
+	more = 0;
 	last = s->sync_after;
+	n = PQntuples(r->res);
+	kore_buf_init(&buf, 1024);
 	for (i = 0; i < n && s->state == SESSION_OPEN; i++) {
-		ws_send(s, PQgetvalue(r->res, i, 1), PQgetlength(r->res, i, 1));
+		if (s->kind == SESSION_CHAT ?
+		    *PQgetvalue(r->res, i, MESSAGE_COLUMNS) == 't' :
+		    i == s->sync_limit) {
+			more = 1;
+			break;
+		}
+		ws_replay(s, r->res, i, &buf);
 		(void)util_parse_int64(PQgetvalue(r->res, i, 0), 0, INT64_MAX,
 		    &last);
 	}
 
-	kore_buf_init(&buf, 96);
+	kore_buf_reset(&buf);
 	kore_buf_appendf(&buf, "{\"type\":\"synced\",\"%s\":%lld,"
 	    "\"has_more\":%s}", s->kind == SESSION_CHAT ?
 	    "last_message_id" : "last_notification_id", (long long)last,
@@ -728,6 +742,25 @@ ws_synced(struct db_result *r, void *arg)
 		hub_hold_release(s, s->kind == SESSION_CHAT ? last : 0);
 
 	ws_event_done(s);
+}
+
+/*
+ * Send row `row` of a replay: a message event marked as one (built in
+ * buf), or the notification frame as it came.
+ */
+static void
+ws_replay(struct session *s, PGresult *res, int row, struct kore_buf *buf)
+{
+	if (s->kind != SESSION_CHAT) {
+		ws_send(s, PQgetvalue(res, row, 1), PQgetlength(res, row, 1));
+		return;
+	}
+
+	kore_buf_reset(buf);
+	UTIL_BUF_LITERAL(buf, "{\"type\":\"message\",\"message\":");
+	message_render(buf, res, row);
+	UTIL_BUF_LITERAL(buf, ",\"replay\":true}");
+	ws_send(s, buf->data, buf->offset);
 }
 
 static void

@@ -1050,8 +1050,8 @@ def test_history_access(server, conn):
 
 
 def test_history_objects_are_those_of_the_live_frames(server, conn):
-    """History pages are rendered by the server from rows, live frames by
-    PostgreSQL: the same message object either way, for every kind of
+    """History pages and socket replays are rendered by the server from
+    rows, live frames by PostgreSQL: the same message object either way, for every kind of
     field (escapes, non-ASCII, metadata, client ids, a SYSTEM message, a
     sender not seen yet, is_read before and after a read)."""
     a, b = users(2)
@@ -1082,6 +1082,21 @@ def test_history_objects_are_those_of_the_live_frames(server, conn):
         ws.close()
     assert [m["id"] for m in live] == [m["id"] for m in sent]
     assert history(server, a.token, conv)["messages"] == live
+    # A socket's replay is rendered by the server too.
+    ws = WS(server, "/ws/chat/%d/?after=0" % conv, a.token)
+    try:
+        assert ws.recv()["type"] == "ready"
+        replayed = []
+        while True:
+            frame = ws.recv()
+            if frame["type"] == "synced":
+                break
+            replayed.append(frame)
+    finally:
+        ws.close()
+    assert all(set(f) == {"type", "message", "replay"} and f["type"] == "message"
+               and f["replay"] is True for f in replayed), replayed
+    assert [f["message"] for f in replayed] == live
     # Once everyone has read, is_read turns true in both renderings.
     for who in (a, b):
         ok(api(server, "POST", "/api/conversations/%d/read" % conv, who.token, {}))

@@ -638,13 +638,11 @@ def test_history_pages_and_sync(conn):
     expect_px(conn, 404, "not_found", "select * from parley_history(%s, %s, %s, %s, %s)",
               conv, new_id("nobody"), None, None, 3)
 
-    synced = rows(conn, "select id, frame from parley_sync(%s, %s, %s)", conv, ids[2], 3)
-    assert [r[0] for r in synced] == ids[3:6]
-    frame = json.loads(synced[0][1])
-    assert frame["type"] == "message" and frame["replay"] is True
-    assert frame["message"] == one(conn, "select parley_message_json(%s::bigint)", ids[3])
-    live = json.loads(one(conn, "select parley_message_frame(%s, false)", ids[3]))
-    assert "replay" not in live and live["message"] == frame["message"]
+    # A socket's sync is a service-style page after an id.
+    assert history_page(conn, conv, None, None, ids[2], 3) == (ids[3:6], True)
+    live = json.loads(one(conn, "select parley_message_frame(%s)", ids[3]))
+    assert "replay" not in live
+    assert live["message"] == one(conn, "select parley_message_json(%s::bigint)", ids[3])
 
 
 def test_ready_unread_and_mute(conn, listener):
@@ -757,7 +755,7 @@ def test_new_message_frame_and_collapse_events(conn, listener):
     msgs = [e for e in events if e[0] == "m" and e[2] == conv]
     assert [(e[1], e[3]) for e in msgs] == [(m1, ""), (m2, "")]
     frame = json.loads(msgs[1][4])
-    assert frame == json.loads(one(conn, "select parley_message_frame(%s, false)", m2))
+    assert frame == json.loads(one(conn, "select parley_message_frame(%s)", m2))
     assert frame["type"] == "message" and frame["message"]["content"] == "two"
 
     notes = [e for e in events if e[0] == "n" and e[3] == a]
@@ -796,7 +794,7 @@ def test_large_events_go_by_reference(conn, listener):
     events = listener.collect()
     ref = [e for e in events if e[2] == conv and e[0] in "mM"]
     assert ref == [("M", m, conv, "", "")]
-    frame = json.loads(one(conn, "select parley_message_frame(%s, false)", m))
+    frame = json.loads(one(conn, "select parley_message_frame(%s)", m))
     assert frame["message"]["content"] == big
     note = [e for e in events if e[3] == a and e[0] in "nN"]
     assert len(note) == 1 and note[0][0] == "N" and note[0][4] == ""
