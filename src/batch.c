@@ -19,18 +19,14 @@
  * transaction per message caps a server at a few thousand messages a
  * second whatever its C code does, and one per socket opened or closed
  * made a reconnect storm queue thousands of commits. Each worker therefore
- * keeps few calls in flight per kind: the sends (opens, closes) that
- * arrive meanwhile wait here and go together in the next round trip
+ * keeps one call in flight per kind: the sends (opens, closes) that arrive
+ * meanwhile wait here and go together in the next round trip
  * (parley_post_messages, parley_sockets_open, parley_sockets_close: one
  * transaction for all of them). Under light load a batch is one item and
  * costs what a single call costs.
  *
- * Sends have two calls in flight, so that one batch is written while the
- * other waits for its commit to reach the disk. That is safe because a
- * socket has one send in flight at a time (its sends keep their order) and
- * the database orders concurrent batches of a conversation as it orders
- * two workers' (ids in commit order). A send is acknowledged only after
- * its batch committed.
+ * A send is acknowledged only after its batch committed. A socket has one
+ * send in flight at a time, so its sends keep their order.
  */
 
 #include <sys/types.h>
@@ -47,7 +43,6 @@ struct batch_item {
 	struct batcher		*owner;
 	struct session		*session;
 	u_int64_t		socket_id;
-	int			sent;
 	struct kore_buf		json;
 };
 
@@ -60,20 +55,18 @@ struct batch {
 };
 
 /*
- * One kind of batched call: its SQL ($1 the JSON array), how many items a
- * call and how many calls at once, and where its answers go (none for
- * closes: nobody waits for them).
+ * One kind of batched call: its SQL ($1 the JSON array) and where its
+ * answers go (none for closes: nobody waits for them).
  */
 struct batcher {
 	const char		*sql;
 	int			max;
-	int			max_inflight;
 	void			(*answer)(struct session *, int, const char *,
 				    const char *, const char *);
 	/* The socket's session went away before its open was answered. */
 	int			close_orphans;
 	struct batch_list	pending;
-	int			inflight;
+	struct batch		*inflight;
 };
 
 static struct batch_item	*batch_item_new(struct batcher *,
@@ -85,8 +78,8 @@ static void	batch_done(struct db_result *, void *);
 static struct batcher	batch_sends = {
 	"SELECT idx, status, body, code, message "
 	"FROM parley_post_messages($1::jsonb)",
-	BATCH_MAX, 2, chat_sent, 0, TAILQ_HEAD_INITIALIZER(batch_sends.pending),
-	0
+	BATCH_MAX, chat_sent, 0, TAILQ_HEAD_INITIALIZER(batch_sends.pending),
+	NULL
 };
 
 /*
@@ -97,12 +90,12 @@ static struct batcher	batch_sends = {
 static struct batcher	batch_opens = {
 	"SELECT idx, status, body, code, message "
 	"FROM parley_sockets_open($1::jsonb)",
-	64, 1, ws_opened, 1, TAILQ_HEAD_INITIALIZER(batch_opens.pending), 0
+	64, ws_opened, 1, TAILQ_HEAD_INITIALIZER(batch_opens.pending), NULL
 };
 
 static struct batcher	batch_closes = {
 	"SELECT parley_sockets_close($1::jsonb)",
-	BATCH_MAX, 1, NULL, 0, TAILQ_HEAD_INITIALIZER(batch_closes.pending), 0
+	BATCH_MAX, NULL, 0, TAILQ_HEAD_INITIALIZER(batch_closes.pending), NULL
 };
 
 /* Queue a validated send of session s; its answer goes to chat_sent(). */
@@ -169,14 +162,20 @@ void
 batch_forget(struct session *s)
 {
 	struct batch_item	*item;
+	struct batch		*b;
+	int			i;
 
 	if ((item = s->batch_item) == NULL)
 		return;
 	s->batch_item = NULL;
 
-	if (item->sent) {
-		item->session = NULL;
-		return;
+	if ((b = item->owner->inflight) != NULL) {
+		for (i = 0; i < b->count; i++) {
+			if (b->items[i] == item) {
+				item->session = NULL;
+				return;
+			}
+		}
 	}
 
 	TAILQ_REMOVE(&item->owner->pending, item, list);
@@ -205,7 +204,7 @@ static void
 batch_queue(struct batch_item *item)
 {
 	TAILQ_INSERT_TAIL(&item->owner->pending, item, list);
-	if (item->owner->inflight < item->owner->max_inflight)
+	if (item->owner->inflight == NULL)
 		batch_flush(item->owner);
 }
 
@@ -232,13 +231,12 @@ batch_flush(struct batcher *owner)
 		if (b->count > 0)
 			kore_buf_append(&array, ",", 1);
 		kore_buf_append(&array, item->json.data, item->json.offset);
-		item->sent = 1;
 		b->items[b->count++] = item;
 	}
 	kore_buf_append(&array, "]", 1);
 
 	params[0] = kore_buf_stringify(&array, NULL);
-	owner->inflight++;
+	owner->inflight = b;
 	(void)db_query(owner->sql, 1, params, batch_done, b);
 	kore_buf_cleanup(&array);
 }
@@ -291,6 +289,6 @@ batch_done(struct db_result *r, void *arg)
 	}
 
 	kore_free(b);
-	owner->inflight--;
+	owner->inflight = NULL;
 	batch_flush(owner);
 }
