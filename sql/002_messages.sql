@@ -193,18 +193,6 @@ as $$
         'is_read', p_is_read)
 $$;
 
--- The message object of a message just inserted: nobody has read it yet, so it
--- is read only when nobody but its sender is there to read it. (No SET clause:
--- inlined into its callers, which pin search_path.)
-create or replace function parley_new_message_json(m messages) returns json
-language sql stable
-as $$
-    select parley_message_json(m, (select name from users where id = m.sender_id),
-                               not exists (select 1 from participants q
-                                            where q.conversation_id = m.conversation_id
-                                              and q.user_id is distinct from m.sender_id))
-$$;
-
 -- The message object of one stored message (null when there is none).
 create or replace function parley_message_json(p_id bigint) returns json
 language plpgsql stable
@@ -387,10 +375,18 @@ declare
 begin
     -- In id order: per conversation that is commit order (the insert trigger
     -- holds the conversation's lock), and NOTIFY keeps it.
+    -- Nobody has read a message just inserted: it is read only when nobody but
+    -- its sender is there to read it. (Joined here, not a SQL function called
+    -- per row: one with a subquery is never inlined, and is planned again at
+    -- each call.)
     for r in
         select i.id, i.conversation_id,
-               parley_message_event(parley_new_message_json(i)) as frame
+               parley_message_event(parley_message_json(i, u.name,
+                   not exists (select 1 from participants q
+                                where q.conversation_id = i.conversation_id
+                                  and q.user_id is distinct from i.sender_id))) as frame
           from inserted i
+          left join users u on u.id = i.sender_id
          order by i.id
     loop
         perform parley_emit('m', r.id, r.conversation_id, null, r.frame);
@@ -589,9 +585,8 @@ begin
         return parley_repeat_send(p_conversation, p_sender, p_client_id,
                                   v_type, v_content, v_metadata);
     end if;
-    -- Rendered from the inserted row, as the trigger renders the live frame.
     return json_build_object('status', 'created',
-                             'message', parley_new_message_json(m))::text;
+                             'message', parley_message_json(m.id))::text;
 end
 $$;
 

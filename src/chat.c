@@ -143,14 +143,15 @@ chat_sent(struct session *s, int status, const char *body, const char *code,
 
 /*
  * The message is committed: acknowledge it to this socket only. Its
- * broadcast, to this socket too, comes through the bus.
+ * broadcast, to this socket too, comes through the bus. `body` is
+ * parley_send_ack()'s {"status","message_id","timestamp"}.
  */
 static void
 chat_ack(struct session *s, const char *body)
 {
 	const char	*status_path[] = { "status", NULL };
-	const char	*id_path[] = { "message", "id", NULL };
-	const char	*ts_path[] = { "message", "timestamp", NULL };
+	const char	*id_path[] = { "message_id", NULL };
+	const char	*ts_path[] = { "timestamp", NULL };
 	struct kore_buf	buf;
 	yajl_val	root, status, id, ts;
 

@@ -977,24 +977,28 @@ def test_a_batch_answers_each_send(conn, listener, fn):
     got = batch(conn, fn, items)
 
     assert sorted(got) == list(range(6))
-    assert got[0][0] == 200 and got[0][1]["status"] == "created"
-    assert got[0][1]["message"]["sender_name"] == "Bob"
-    assert got[1][0] == 200 and got[1][1]["message"]["metadata"] == {"lat": 1}
-    assert got[1][1]["message"]["message_type"] == "LOCATION"
-    assert got[2] == (404, None, "not_found")
-    assert got[3] == (200, {"status": "duplicate", "message": earlier}, None)
-    assert got[4] == (409, None, "conflict")
-    assert got[5][1]["message"]["is_read"] is True        # nobody else to read it
-    for i in (0, 1, 5):
-        stored = one(conn, "select parley_message_json(%s)", got[i][1]["message"]["id"])
-        assert stored == got[i][1]["message"]
+    assert [got[i][0] for i in range(6)] == [200, 200, 404, 200, 409, 200]
+    assert [got[i][1]["status"] for i in (0, 1, 5)] == ["created"] * 3
+    assert [got[i][2] for i in (2, 4)] == ["not_found", "conflict"]
+    # an ack: the id and timestamp of the stored message, the repeat's the first one's
+    assert got[3][1] == {"status": "duplicate", "message_id": earlier["id"],
+                         "timestamp": earlier["timestamp"]}
+    created = [got[i][1]["message_id"] for i in (0, 1, 5)]
+    events = {e[1]: json.loads(e[4])["message"] for e in listener.collect()
+              if e[0] == "m" and e[2] in convs + [alone]}
+    # one live frame per stored message: none for the repeat, conflict or refusal
+    assert sorted(events) == sorted(created + [earlier["id"], earlier2["id"]])
+    frames = [events[m] for m in created]
+    assert [f["timestamp"] for f in frames] == [got[i][1]["timestamp"] for i in (0, 1, 5)]
+    assert [(f["content"], f["sender_name"], f["message_type"], f["metadata"], f["is_read"])
+            for f in frames] == [("plain", "Bob", "TEXT", None, False),
+                                 ("here", "Ana", "LOCATION", {"lat": 1}, False),
+                                 ("to myself", "Ana", "TEXT", None, True)]  # nobody else
+    for f in frames:
+        assert one(conn, "select parley_message_json(%s)", f["id"]) == f
     assert [participant(conn, c, a)[0] for c in convs] == [1, 0, 0, 0, 0]
     assert one(conn, "select count(*) from messages where conversation_id = any(%s)",
                convs) == 4
-    created = [got[i][1]["message"]["id"] for i in (0, 1, 5)]
-    events = [e for e in listener.collect() if e[0] == "m" and e[2] in convs + [alone]]
-    # one live frame per stored message: none for the repeat, conflict or refusal
-    assert sorted(e[1] for e in events) == sorted(created + [earlier["id"], earlier2["id"]])
 
 
 def test_a_batch_the_single_insert_refuses_goes_one_by_one(conn):
@@ -1007,7 +1011,9 @@ def test_a_batch_the_single_insert_refuses_goes_one_by_one(conn):
     expect_px(conn, 400, "invalid_payload",
               "select * from parley_post_messages_together(%s::jsonb)", json.dumps(bad))
     got = batch(conn, "parley_post_messages", bad)
-    assert got[0][0] == 200 and got[0][1]["message"]["content"] == "fine"
+    assert got[0][0] == 200 and got[0][1]["status"] == "created"
+    assert one(conn, "select content from messages where id = %s",
+               got[0][1]["message_id"]) == "fine"
     assert got[1] == (400, None, "invalid_payload")
     # several sends of one conversation: ids in batch order, one update per row
     several = [{"c": convs[1], "s": a, "t": "TEXT", "b": "first"},
@@ -1015,9 +1021,11 @@ def test_a_batch_the_single_insert_refuses_goes_one_by_one(conn):
                {"c": convs[1], "s": b, "t": "TEXT", "b": "second"},
                {"c": convs[1], "s": a, "t": "TEXT", "b": "third"}]
     got = batch(conn, "parley_post_messages_together", several)
-    contents = {i: got[i][1]["message"]["content"] for i in got}
+    ids = {i: got[i][1]["message_id"] for i in got}
+    contents = {i: one(conn, "select content from messages where id = %s", ids[i])
+                for i in ids}
     assert contents == {0: "first", 1: "elsewhere", 2: "second", 3: "third"}
-    assert got[0][1]["message"]["id"] < got[2][1]["message"]["id"] < got[3][1]["message"]["id"]
+    assert ids[0] < ids[2] < ids[3]
     assert [participant(conn, convs[1], u)[0] for u in (a, b)] == [1, 2]
     assert one(conn, "select last_message_id from conversations where id = %s",
-               convs[1]) == got[3][1]["message"]["id"]
+               convs[1]) == ids[3]
