@@ -336,6 +336,11 @@ def scenario(name, params_path, step_paths):
               "server_rss_kb": s["server_rss_kb"], "exit_codes": s["exit_codes"]}
         if name == "pgbench":
             st["pgbench"] = parse_pgbench(s["outputs"][0])
+            # batch<k>c<n>: k sends per transaction; c<n>: one
+            per_tx = re.match(r"batch(\d+)", s["label"])
+            st["pgbench"]["msgs_per_tx"] = int(per_tx.group(1)) if per_tx else 1
+            st["pgbench"]["msgs_per_s"] = round(st["pgbench"].get("tps", 0) *
+                                                st["pgbench"]["msgs_per_tx"], 1)
         elif name == "history":
             st["wrk"] = parse_wrk(s["outputs"][0])
         else:
@@ -373,10 +378,15 @@ def verdict(name, params, steps):
                 "p99_ms": lg["latency_ms"]["p99"],
                 "cpu": best["cpu"]}
     if name == "pgbench":
-        best = max(steps, key=lambda s: s["pgbench"].get("tps", 0))
-        return {"max_tps": best["pgbench"].get("tps"),
-                "at_clients": best["pgbench"].get("clients"),
-                "cpu": best["cpu"]}
+        single = [s for s in steps if s["pgbench"]["msgs_per_tx"] == 1]
+        best = max(single, key=lambda s: s["pgbench"].get("tps", 0))
+        verdict = {"max_tps": best["pgbench"].get("tps"),
+                   "at_clients": best["pgbench"].get("clients"),
+                   "cpu": best["cpu"]}
+        for s in steps:
+            if s["pgbench"]["msgs_per_tx"] > 1:
+                verdict[s["label"] + "_msgs_per_s"] = s["pgbench"]["msgs_per_s"]
+        return verdict
     if name == "history":
         return {s["label"]: {"req_per_s": round(s["wrk"]["requests"] /
                                                 (s["wrk"]["duration_us"] / 1e6), 1)
@@ -480,13 +490,15 @@ def summary(path):
                 fmt(c["other_pct"]), busy_cell(c),
                 fmt(lg.get("loadgen_cpu", {}).get("traffic_pct_of_core"))))
     elif n == "pgbench":
-        w("| clients | tps | latency avg ms | failed | %s |\n" % cpu_hdr)
-        w("|---" * 9 + "|\n")
+        w("| clients | messages per transaction | tps | messages/s | latency avg ms "
+          "| failed | %s |\n" % cpu_hdr)
+        w("|---" * 11 + "|\n")
         for s in r["steps"]:
             pg = s["pgbench"]
             c = s["cpu"]
-            w("| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n" % (
-                fmt(pg.get("clients"), 0), fmt(pg.get("tps")),
+            w("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n" % (
+                fmt(pg.get("clients"), 0), fmt(pg.get("msgs_per_tx", 1), 0),
+                fmt(pg.get("tps")), fmt(pg.get("msgs_per_s")),
                 fmt(pg.get("latency_avg_ms"), 3), fmt(pg.get("failed"), 0),
                 fmt(c["server_pct"]), fmt(c["postgres_pct"]),
                 fmt(c["generator_pct"]), fmt(c["other_pct"]),

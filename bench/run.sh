@@ -309,11 +309,14 @@ scen_throughput() {
 
 
 # 2. pgbench: the database's ceiling for parley_post_message, one message
-# per transaction, with the server up (it LISTENs, nobody is connected).
+# per transaction, with the server up (it LISTENs, nobody is connected);
+# then the batched call a worker makes, PB_BATCH sends of as many
+# conversations per parley_post_messages call, at 2 clients (one per worker).
 scen_pgbench() {
 	SCEN=pgbench STEPS=()
 	local n=${PB_CONVERSATIONS:-100} d=${PB_SECONDS:-$(q 5 20)}
 	local clients=${PB_CLIENTS:-$(q "1 8" "1 2 4 8 16 32 64")}
+	local batch=${PB_BATCH:-16}
 	fresh_db parley_bench
 	start_server parley_bench
 	populate parley_bench
@@ -327,16 +330,33 @@ scen_pgbench() {
 \set conv :base + :n
 SELECT parley_post_message(:conv, 'pb' || :n::text || '_0', 'TEXT', 'hello', NULL, NULL);
 EOF
-	params conversations="$n" seconds="$d" clients="\"$clients\"" \
-	    script="\"SELECT parley_post_message(:conv, :sender, 'TEXT', 'hello', NULL, NULL)\""
+	cat >"$RAW/pgbench-batch.sql" <<'EOF'
+\set n random(0, :nconv - :batch)
+\set last :n + :batch - 1
+SELECT count(*) FROM parley_post_messages((SELECT jsonb_agg(jsonb_build_object(
+    'c', :base::bigint + i, 's', 'pb' || i || '_0', 't', 'TEXT', 'b', 'hello'))
+    FROM generate_series(:n::integer, :last::integer) i));
+EOF
+	params conversations="$n" seconds="$d" clients="\"$clients\"" batch="$batch" \
+	    script="\"SELECT parley_post_message(:conv, :sender, 'TEXT', 'hello', NULL, NULL)\"" \
+	    batch_script="\"SELECT parley_post_messages(<$batch sends, one per conversation>)\""
 	local c
 	for c in $clients; do
-		measure "c$c" "$PG_BIN/pgbench" -h 127.0.0.1 -p "$PG_PORT" -U postgres \
-		    -n -M prepared -f "$RAW/pgbench.sql" -D base="$lo" -D nconv="$n" \
-		    -c "$c" -j $((c < 2 ? 1 : 2)) -T "$d" parley_bench
+		pgbench_step "c$c" pgbench.sql "$c"
 	done
+	pgbench_step "batch${batch}c2" pgbench-batch.sql 2 -D batch="$batch"
 	stop_server
 	finish
+}
+
+# pgbench_step label script clients [pgbench options]: one step of scenario 2
+# (with its lo, n and d).
+pgbench_step() {
+	local label=$1 script=$2 c=$3
+	shift 3
+	measure "$label" "$PG_BIN/pgbench" -h 127.0.0.1 -p "$PG_PORT" -U postgres \
+	    -n -M prepared -f "$RAW/$script" -D base="$lo" -D nconv="$n" "$@" \
+	    -c "$c" -j $((c < 2 ? 1 : 2)) -T "$d" parley_bench
 }
 
 # 3. Fan-out: one conversation of 1000 participants, 50 msgs/s.
