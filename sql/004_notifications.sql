@@ -109,15 +109,21 @@ begin
 end
 $$;
 
+-- EXECUTE: planned at each call for the rows it has. A plan kept from a
+-- session's first call (often an empty ON CONFLICT statement) joined the two
+-- tables in a nested loop: a big conversation's 1,000 updated rows took 120 ms.
 create or replace function parley_notifications_updated() returns trigger
 language plpgsql
 as $$
+declare
+    v_ids bigint[];
 begin
-    perform parley_notifications_push(array(
-        select i.id from updated i join previous o using (id)
-         where i.read_at is null
-           and (o.type, o.payload, o.count, o.created_at)
-               is distinct from (i.type, i.payload, i.count, i.created_at)));
+    execute 'select array(select i.id from updated i join previous o using (id)
+                           where i.read_at is null
+                             and (o.type, o.payload, o.count, o.created_at)
+                                 is distinct from (i.type, i.payload, i.count, i.created_at))'
+       into v_ids;
+    perform parley_notifications_push(v_ids);
     return null;
 end
 $$;
