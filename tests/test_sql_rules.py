@@ -726,6 +726,27 @@ def test_notifications_push_list_and_read(conn, listener):
         {"unread_notifications": 0, "unread_messages": 0}
 
 
+def test_updates_push_only_rows_whose_visible_fields_changed(conn, listener):
+    """The UPDATE trigger pushes unread rows whose type, payload, count or
+    created_at changed, and nothing else; after an empty UPDATE in the same
+    session too (the plan kept from that first call served 1,000-row drains)."""
+    u = new_id()
+    online(conn, u, "Maria")
+    ids = [one(conn, "insert into notifications (user_id, type, payload) "
+                     "values (%s, 'match', %s::jsonb) returning id", u, json.dumps({"n": i}))
+           for i in range(6)]
+    listener.collect()
+
+    one(conn, "update notifications set count = count + 1 where false returning 1")
+    one(conn, "update notifications set payload = case when id = any (%s) "
+              "then payload || '{\"x\": 1}' else payload end, "
+              "read_at = case when id = %s then now() end "
+              "where user_id = %s returning 1",
+        ids[:3], ids[1], u)
+    pushed = [e[1] for e in listener.collect() if e[0] == "n" and e[3] == u]
+    assert pushed == [ids[0], ids[2]]          # ids[1] was read, 3-5 unchanged
+
+
 def test_disabled_types_are_stored_not_pushed(conn, listener):
     a, b = touch(conn, "Ana", "Bob")
     conv = create(conn, a, [a, b])["conversation"]["id"]
