@@ -728,8 +728,8 @@ def test_notifications_push_list_and_read(conn, listener):
 
 def test_updates_push_only_rows_whose_visible_fields_changed(conn, listener):
     """The UPDATE trigger pushes unread rows whose type, payload, count or
-    created_at changed, and nothing else; after an empty UPDATE in the same
-    session too (the plan kept from that first call served 1,000-row drains)."""
+    created_at changed, and nothing else, also right after an empty UPDATE
+    (a plan kept from such a call once served every 1,000-row drain)."""
     u = new_id()
     online(conn, u, "Maria")
     ids = [one(conn, "insert into notifications (user_id, type, payload) "
