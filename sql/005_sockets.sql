@@ -306,3 +306,46 @@ as $$
      order by m.id
      limit p_limit
 $$;
+
+-- What a worker's notification sockets may have missed while its LISTEN
+-- connection was down, for each of p_users (a JSON array of ids): the live
+-- frames of the unread notifications stored or collapsed (which sets
+-- created_at) since p_since, the latest 200, then one notifications_read with
+-- those read since then. p_since is the server's clock at the bus's last
+-- ping; ten seconds of slack cover a transaction that stored a notification
+-- before it and committed after. Frames delivered already may come again:
+-- clients deduplicate by id (PROTOCOL.md).
+create or replace function parley_notification_catchup(p_users jsonb,
+                                                       p_since timestamptz)
+returns table (user_id text, frame text)
+language plpgsql stable
+set search_path from current
+as $$
+declare
+    v_since timestamptz := p_since - interval '10 seconds';
+begin
+    return query
+    select u.id, f.frame
+      from jsonb_array_elements_text(p_users) with ordinality u(id, k)
+     cross join lateral (
+            (select parley_notification_json(n, null), n.created_at
+               from notifications n
+              where n.user_id = u.id and n.read_at is null
+                and n.created_at > v_since
+                and not exists (select 1 from notification_preferences np
+                                 where np.user_id = n.user_id
+                                   and n.type = any (np.disabled_types))
+              order by n.created_at desc
+              limit 200)
+            union all
+            (select json_build_object('type', 'notifications_read',
+                        'ids', array_agg(n.id order by n.id),
+                        'unread_notifications',
+                        parley_unread_notifications(u.id))::text,
+                    'infinity'::timestamptz
+               from notifications n
+              where n.user_id = u.id and n.read_at > v_since
+             having count(*) > 0)) f(frame, at)
+     order by u.k, f.at;
+end
+$$;

@@ -23,7 +23,9 @@
  * what arrives meanwhile: a frame sent by reference (too big for NOTIFY)
  * being fetched, and the catch-up after the LISTEN connection came back,
  * which replays to each conversation what its sockets missed while it was
- * down, so a database restart loses nothing.
+ * down, and to each user with notification sockets the notifications
+ * stored, collapsed or read since the connection was last known alive, so
+ * a database restart loses nothing.
  */
 
 #include <sys/types.h>
@@ -36,6 +38,8 @@
 #include "parley.h"
 
 #define BUS_CATCHUP_LIMIT	500
+#define BUS_CATCHUP_USERS	500
+#define BUS_TIME_MAX		64
 #define BUS_RETRY_MIN		100
 #define BUS_RETRY_MAX		5000
 
@@ -45,10 +49,18 @@ struct bus_note {
 	char			data[];
 };
 
+/* The messages of one conversation after `after`, or notifications. */
 struct bus_catchup {
 	int64_t			conversation_id;
 	int64_t			after;
+	char			*users;
+	char			since[BUS_TIME_MAX];
 	u_int64_t		backoff;
+};
+
+struct bus_users {
+	struct kore_buf		json;
+	int			count;
 };
 
 struct bus_parsed {
@@ -68,21 +80,27 @@ static void	bus_drain(void);
 static void	bus_fetch(struct bus_parsed *);
 static void	bus_fetched(struct db_result *, void *);
 static void	bus_catchup_start(int64_t, int64_t);
+static void	bus_catchup_user(const char *, void *);
+static void	bus_catchup_users(struct bus_users *);
 static void	bus_catchup_query(struct bus_catchup *);
 static void	bus_catchup_retry(void *, u_int64_t);
 static void	bus_catchup_done(struct db_result *, void *);
+static void	bus_catchup_messages(struct bus_catchup *, PGresult *);
+static void	bus_catchup_notifications(PGresult *);
 
 static TAILQ_HEAD(, bus_note)	bus_queue = TAILQ_HEAD_INITIALIZER(bus_queue);
 static int			bus_paused;
 static int			bus_catchups;
 static struct bus_parsed	bus_fetching;
 static char			bus_fetching_uid[PARLEY_USER_ID_MAX + 1];
+static char			bus_alive_at[BUS_TIME_MAX];
 
 /* The LISTEN is in place: catch every conversation up, then go live. */
 void
 bus_up(void)
 {
 	struct hub_conv		*conv;
+	struct bus_users	users;
 	int64_t			low;
 
 	kore_log(LOG_NOTICE, "bus: listening");
@@ -93,9 +111,25 @@ bus_up(void)
 		if ((low = hub_conv_low_seq(conv)) >= 0)
 			bus_catchup_start(hub_conv_id(conv), low);
 	}
+
+	/* Before the first ping of the worker's first LISTEN nothing is owed. */
+	if (bus_alive_at[0] != '\0') {
+		kore_buf_init(&users.json, 1024);
+		users.count = 0;
+		hub_notify_users(bus_catchup_user, &users);
+		bus_catchup_users(&users);
+		kore_buf_cleanup(&users.json);
+	}
 	bus_paused--;
 
 	bus_drain();
+}
+
+/* The LISTEN connection answered a ping: `at` is the server's clock. */
+void
+bus_alive(const char *at)
+{
+	(void)kore_strlcpy(bus_alive_at, at, sizeof(bus_alive_at));
 }
 
 void
@@ -218,11 +252,51 @@ bus_catchup_start(int64_t conversation_id, int64_t after)
 	bus_catchup_query(cu);
 }
 
+/* Users go to the database BUS_CATCHUP_USERS at a time. */
+static void
+bus_catchup_user(const char *id, void *arg)
+{
+	struct bus_users	*users = arg;
+
+	kore_buf_append(&users->json, users->count ? "," : "[", 1);
+	json_append_string(&users->json, id, strlen(id));
+	if (++users->count == BUS_CATCHUP_USERS)
+		bus_catchup_users(users);
+}
+
+static void
+bus_catchup_users(struct bus_users *users)
+{
+	struct bus_catchup	*cu;
+
+	if (users->count == 0)
+		return;
+
+	kore_buf_append(&users->json, "]", 1);
+	cu = kore_calloc(1, sizeof(*cu));
+	cu->users = kore_strdup(kore_buf_stringify(&users->json, NULL));
+	(void)kore_strlcpy(cu->since, bus_alive_at, sizeof(cu->since));
+	kore_buf_reset(&users->json);
+	users->count = 0;
+
+	bus_catchups++;
+	bus_catchup_query(cu);
+}
+
 static void
 bus_catchup_query(struct bus_catchup *cu)
 {
 	const char		*params[3];
 	char			conv[24], a[24], limit[16];
+
+	if (cu->users != NULL) {
+		params[0] = cu->users;
+		params[1] = cu->since;
+		(void)db_query("SELECT user_id, frame FROM "
+		    "parley_notification_catchup($1, $2)", 2, params,
+		    bus_catchup_done, cu);
+		return;
+	}
 
 	(void)snprintf(conv, sizeof(conv), "%lld",
 	    (long long)cu->conversation_id);
@@ -243,17 +317,14 @@ bus_catchup_retry(void *arg, u_int64_t now)
 }
 
 /*
- * Deliver what was missed; a full page means there may be more. A failed
- * catch-up (the pool is often still reconnecting when LISTEN is back) is
- * retried with backoff, and the bus stays paused until it succeeds: live
- * frames must not overtake what the sockets missed.
+ * A failed catch-up (the pool is often still reconnecting when LISTEN is
+ * back) is retried with backoff, and the bus stays paused until it
+ * succeeds: live frames must not overtake what the sockets missed.
  */
 static void
 bus_catchup_done(struct db_result *r, void *arg)
 {
 	struct bus_catchup	*cu = arg;
-	int64_t			id;
-	int			i, n;
 
 	if (!r->ok) {
 		cu->backoff = cu->backoff ? cu->backoff * 2 : BUS_RETRY_MIN;
@@ -266,21 +337,47 @@ bus_catchup_done(struct db_result *r, void *arg)
 
 	bus_catchups--;
 
-	n = PQntuples(r->res);
+	if (cu->users != NULL) {
+		bus_catchup_notifications(r->res);
+		kore_free(cu->users);
+	} else {
+		bus_catchup_messages(cu, r->res);
+	}
+
+	kore_free(cu);
+	bus_drain();
+}
+
+/* Deliver what was missed; a full page means there may be more. */
+static void
+bus_catchup_messages(struct bus_catchup *cu, PGresult *res)
+{
+	int64_t			id;
+	int			i, n;
+
+	n = PQntuples(res);
 	id = cu->after;
 	for (i = 0; i < n; i++) {
-		if (!util_parse_int64(PQgetvalue(r->res, i, 0), 1, INT64_MAX,
+		if (!util_parse_int64(PQgetvalue(res, i, 0), 1, INT64_MAX,
 		    &id))
 			continue;
 		hub_conversation(cu->conversation_id, id, NULL, 0,
-		    PQgetvalue(r->res, i, 1), PQgetlength(r->res, i, 1));
+		    PQgetvalue(res, i, 1), PQgetlength(res, i, 1));
 	}
 
 	if (n == BUS_CATCHUP_LIMIT)
 		bus_catchup_start(cu->conversation_id, id);
+}
 
-	kore_free(cu);
-	bus_drain();
+static void
+bus_catchup_notifications(PGresult *res)
+{
+	int		i;
+
+	for (i = 0; i < PQntuples(res); i++) {
+		hub_user(PQgetvalue(res, i, 0), PQgetlength(res, i, 0),
+		    PQgetvalue(res, i, 1), PQgetlength(res, i, 1));
+	}
 }
 
 static int

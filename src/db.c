@@ -27,7 +27,10 @@
  *
  * One more connection of the same kind holds LISTEN parley for the bus:
  * its notifications go to bus_notify(), its ups and downs to bus_up() and
- * bus_down().
+ * bus_down(). It is pinged every DB_LISTEN_PING ms: a connection that no
+ * longer answers is replaced (a silently lost network would leave the bus
+ * deaf), and the server's clock in each answer tells bus_alive() until
+ * when nothing can have been missed.
  */
 
 #include <sys/types.h>
@@ -48,6 +51,9 @@
 #define DB_QUERY_TIMEOUT	15000
 #define DB_QUEUE_LIMIT		20000
 #define DB_MIGRATE_RETRY_MAX	5000
+#define DB_LISTEN_PING		2000
+#define DB_LISTEN_PING_SQL	\
+	"SELECT clock_timestamp() /* LISTEN parley alive */"
 
 struct db_query {
 	TAILQ_ENTRY(db_query)	list;
@@ -69,6 +75,8 @@ struct db_conn {
 	struct db_query		*query;
 	PGresult		*result;
 	int			listen;
+	int			listening;
+	u_int64_t		sent;
 };
 
 TAILQ_HEAD(db_query_list, db_query);
@@ -84,6 +92,8 @@ static void	db_conn_dispatch(struct db_conn *);
 static void	db_conn_flush(void *, u_int64_t);
 static void	db_conn_complete(struct db_conn *);
 static void	db_conn_notifies(struct db_conn *);
+static void	db_listen_send(struct db_conn *, const char *);
+static void	db_listen_result(struct db_conn *, PGresult *);
 static void	db_sweep(void *, u_int64_t);
 static void	db_query_finish(struct db_query *, PGresult *, const char *);
 static void	db_query_free(struct db_query *);
@@ -352,12 +362,7 @@ db_conn_poll(void *arg, u_int64_t now)
 	}
 
 	/* bus_up() once the server confirms the LISTEN. */
-	conn->state = DB_CONN_BUSY;
-	if (!PQsendQuery(conn->pg, "LISTEN parley")) {
-		db_conn_fail(conn, PQerrorMessage(conn->pg));
-		return;
-	}
-	db_conn_flush(conn, 0);
+	db_listen_send(conn, "LISTEN parley");
 }
 
 static void
@@ -421,6 +426,41 @@ db_conn_notifies(struct db_conn *conn)
 }
 
 static void
+db_listen_send(struct db_conn *conn, const char *sql)
+{
+	conn->state = DB_CONN_BUSY;
+	conn->sent = kore_time_ms();
+	if (!PQsendQuery(conn->pg, sql)) {
+		db_conn_fail(conn, PQerrorMessage(conn->pg));
+		return;
+	}
+	db_conn_flush(conn, 0);
+}
+
+/* The LISTEN is confirmed, or a ping came back with the server's clock. */
+static void
+db_listen_result(struct db_conn *conn, PGresult *res)
+{
+	if (!conn->listening) {
+		if (PQresultStatus(res) != PGRES_COMMAND_OK) {
+			db_conn_fail(conn, "LISTEN failed");
+			return;
+		}
+		conn->listening = 1;
+		bus_up();
+		/* The first ping at once: its clock is the window's start. */
+		db_listen_send(conn, DB_LISTEN_PING_SQL);
+		return;
+	}
+
+	if (PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1) {
+		db_conn_fail(conn, "LISTEN ping failed");
+		return;
+	}
+	bus_alive(PQgetvalue(res, 0, 0));
+}
+
+static void
 db_conn_dispatch(struct db_conn *conn)
 {
 	struct db_query		*q;
@@ -480,13 +520,8 @@ db_conn_complete(struct db_conn *conn)
 	conn->state = DB_CONN_IDLE;
 
 	if (conn->listen) {
-		if (PQresultStatus(res) != PGRES_COMMAND_OK) {
-			PQclear(res);
-			db_conn_fail(conn, "LISTEN failed");
-			return;
-		}
+		db_listen_result(conn, res);
 		PQclear(res);
-		bus_up();
 		return;
 	}
 
@@ -518,8 +553,10 @@ db_conn_fail(struct db_conn *conn, const char *why)
 		conn->pg = NULL;
 	}
 
-	if (conn->listen && conn->state == DB_CONN_IDLE)
+	if (conn->listening) {
+		conn->listening = 0;
 		bus_down();
+	}
 
 	conn->fd = -1;
 	conn->state = DB_CONN_DOWN;
@@ -556,13 +593,22 @@ db_conn_fail(struct db_conn *conn, const char *why)
 static void
 db_sweep(void *unused, u_int64_t now)
 {
-	int		i;
+	struct db_conn		*conn;
+	int			i;
 
 	for (i = 0; i < parley_cfg.db_pool_size; i++) {
 		if (db_conns[i].state == DB_CONN_BUSY &&
 		    now - db_conns[i].query->started > DB_QUERY_TIMEOUT)
 			db_conn_fail(&db_conns[i], "query timed out");
 	}
+
+	conn = &db_conns[parley_cfg.db_pool_size];
+	if (conn->state == DB_CONN_BUSY &&
+	    now - conn->sent > DB_QUERY_TIMEOUT)
+		db_conn_fail(conn, "LISTEN connection stopped answering");
+	else if (conn->state == DB_CONN_IDLE &&
+	    now - conn->sent >= DB_LISTEN_PING)
+		db_listen_send(conn, DB_LISTEN_PING_SQL);
 }
 
 /*

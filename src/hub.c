@@ -160,6 +160,26 @@ hub_user(const char *uid, size_t uid_len, const char *json, size_t len)
 	}
 }
 
+/* Calls cb with the id of each user who has a notification socket here. */
+void
+hub_notify_users(void (*cb)(const char *, void *), void *arg)
+{
+	struct hub_user		*user;
+	struct session		*s;
+	int			i;
+
+	for (i = 0; i < HUB_BUCKETS; i++) {
+		LIST_FOREACH(user, &hub_users[i], bucket) {
+			TAILQ_FOREACH(s, &user->sessions, user_list) {
+				if (s->kind == SESSION_NOTIFY)
+					break;
+			}
+			if (s != NULL)
+				cb(user->id, arg);
+		}
+	}
+}
+
 /* The replay is over: send what was held back and is newer than `seq`. */
 void
 hub_hold_release(struct session *s, int64_t seq)

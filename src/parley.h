@@ -247,6 +247,7 @@ void	hub_remove(struct session *);
 void	hub_conversation(int64_t, int64_t, const char *, size_t,
 	    const char *, size_t);
 void	hub_user(const char *, size_t, const char *, size_t);
+void	hub_notify_users(void (*)(const char *, void *), void *);
 void	hub_hold_release(struct session *, int64_t);
 void	hub_hold_drop(struct session *);
 int64_t	hub_conv_low_seq(struct hub_conv *);
@@ -261,6 +262,7 @@ void	fanout_wake(void);
 /* The per-worker LISTEN connection and what it routes (bus.c). */
 void	bus_up(void);
 void	bus_down(void);
+void	bus_alive(const char *);
 void	bus_notify(const char *, size_t);
 
 /* Schema migrations (migrate.c). */

@@ -144,10 +144,20 @@ def exactly_once_in_order(ws, expected, conn, conv, sender, iso=None):
     assert got == sorted(expected) + [sentinel], got
 
 
-def kill_parley_backends(conn):
+def kill_parley_backends(conn, wait_ms=0):
+    """Terminate every parley backend; with wait_ms, wait until each is gone
+    (so that what the caller writes next finds them down)."""
     return sql_one(conn, "SELECT count(*) FROM (SELECT "
-                   "pg_terminate_backend(pid) FROM pg_stat_activity "
-                   "WHERE application_name = 'parley') t")
+                   "pg_terminate_backend(pid, %s) FROM pg_stat_activity "
+                   "WHERE application_name = 'parley') t", wait_ms)
+
+
+def seen(ws, pred, timeout=15):
+    """The first frame the socket has had, or gets, that matches pred."""
+    for f in ws.frames:
+        if pred(f):
+            return f
+    return ws.recv_until(pred, timeout)
 
 
 def stored(conn, conv):
@@ -176,7 +186,6 @@ def test_postgres_restart_mid_stream(isolated):
                                       deadline)[0]["message_id"])
     assert message_ids(wb, 5) == acked
 
-    listening = iso.srv.output().count("bus: listening")
     conn.close()
     iso.pg.restart()
     conn = iso.connect()
@@ -193,10 +202,8 @@ def test_postgres_restart_mid_stream(isolated):
         w.recv_type("pong")
 
     iso.wait_ready()
-    # Notification pushes are not caught up like messages (PROTOCOL.md):
-    # the checks below need every worker's LISTEN back first.
-    wait_for(lambda: iso.srv.output().count("bus: listening") >=
-             listening + len(iso.pids), 30, 0.1, "every worker listening again")
+    # sent at once, while a worker's LISTEN may still be down: messages and
+    # notifications alike come through its catch-up
     for i in range(5):
         acked.append(send_until_acked(wa, "after %d" % i, "post-%d" % i,
                                       deadline)[0]["message_id"])
@@ -308,6 +315,60 @@ def test_sql_writes_while_bus_reconnects_are_delivered(isolated):
     for w in (wb, wa):
         exactly_once_in_order(w, written, conn, conv, a, iso)
         written.append(max(message_ids(w, len(written) + 1)))
+    iso.assert_workers_alive()
+
+
+def test_notifications_while_bus_reconnects_are_delivered(isolated):
+    """Kill every parley backend, then, while the workers' LISTEN is down,
+    store a notification, collapse a new_message and read an older
+    notification with SQL: every notification socket of the user, on both
+    workers, gets all three once the bus is back (its catch-up covers what
+    changed since its last ping), and live pushes flow again after it."""
+    iso = isolated()
+    conn = iso.connect()
+    a, b = new_id(), new_id()
+    conv = create_conversation(conn, [a, b])
+    workers = {str(p) for p in iso.pids}
+    socks, held = [], set()
+    while held != workers and len(socks) < 40:
+        socks.append(iso.ws("/ws/notifications/", make_token(b, "Bob")))
+        assert socks[-1].recv()["type"] == "ready"
+        time.sleep(0.05)
+        held = {r[0] for r in sql_rows(conn, "SELECT split_part(node, '-', 1) "
+                                       "FROM parley_sockets WHERE user_id = %s", b)}
+    assert held == workers, held
+
+    post = "SELECT parley_post_notification(%s, %s, '{}')::json->>'id'"
+    write = ("INSERT INTO messages (conversation_id, sender_id, content) "
+             "VALUES (%s, %s, %s) RETURNING id")
+    old = int(sql_one(conn, post, b, "friend_request"))
+    sql_one(conn, write, conv, a, "one")
+    for w in socks:
+        seen(w, lambda f: f["type"] == "friend_request" and f["id"] == old)
+        seen(w, lambda f: f["type"] == "new_message" and f["count"] == 1)
+
+    listening = iso.srv.output().count("bus: listening")
+    assert kill_parley_backends(conn, 5000) >= 2 * 2
+    new = int(sql_one(conn, post, b, "match"))
+    last = sql_one(conn, write, conv, a, "two")
+    sql_one(conn, "SELECT parley_read_notification(%s, %s)", b, old)
+    unread = sql_one(conn, "SELECT count(*) FROM notifications WHERE "
+                     "user_id = %s AND read_at IS NULL", b)
+    wait_for(lambda: iso.srv.output().count("bus: listening") >=
+             listening + len(iso.pids), 30, 0.1, "every worker listening again")
+
+    for w in socks:
+        seen(w, lambda f: f["type"] == "match" and f["id"] == new)
+        collapsed = seen(w, lambda f: f["type"] == "new_message" and
+                         f["count"] == 2)
+        assert collapsed["message"]["id"] == last, collapsed
+        read = seen(w, lambda f: f["type"] == "notifications_read")
+        assert old in read["ids"] and new not in read["ids"], read
+        assert read["unread_notifications"] == unread, read
+
+    after = int(sql_one(conn, post, b, "friend_accepted"))
+    for w in socks:
+        seen(w, lambda f: f["type"] == "friend_accepted" and f["id"] == after)
     iso.assert_workers_alive()
 
 
