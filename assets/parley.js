@@ -899,11 +899,16 @@ export class ChatSocket extends ParleySocket {
  * After a reconnect it sends `sync` with the last notification id seen, so stored
  * notifications are replayed (with `replay: true`) and none are lost or repeated.
  * Collapsed `new_message` notifications keep their id while their counts change,
- * so refresh unread counts over REST after a reconnect (`ready`).
+ * so refresh unread counts over REST after a reconnect (`ready`). A live frame that
+ * repeats one already had (same id and `created_at`: the server's catch-up after
+ * its database connection came back may send a few again) is dropped.
  */
 export class NotificationSocket extends ParleySocket {
   /** @type {number|null} */
   #lastNotificationId;
+
+  /** `created_at` of the latest notifications had, by id (insertion order, bounded). */
+  #seen = new Map();
 
   /**
    * Use {@link Parley#connectNotifications}.
@@ -949,6 +954,10 @@ export class NotificationSocket extends ParleySocket {
     }
     if (typeof frame.id !== 'number') return true; // not a notification
     if (frame.replay && frame.id <= (this.#lastNotificationId ?? 0)) return false;
+    if (this.#seen.get(frame.id) === frame.created_at) return false;
+    this.#seen.delete(frame.id);
+    this.#seen.set(frame.id, frame.created_at);
+    if (this.#seen.size > 256) this.#seen.delete(this.#seen.keys().next().value);
     this.#lastNotificationId = Math.max(this.#lastNotificationId ?? 0, frame.id);
     this.emit('notification', frame);
     return true;

@@ -4,7 +4,8 @@ with two workers on free ports. Nothing is mocked."""
 
 import pytest
 
-from helpers import PgCluster, SECRET, Server, WS, free_port, server_binary
+from helpers import (Isolated, PgCluster, SECRET, Server, WS, free_port,
+                     server_binary)
 
 
 @pytest.fixture(scope="session")
@@ -82,3 +83,17 @@ def sockets():
     yield opener
     for ws in opened:
         ws.close()
+
+
+@pytest.fixture
+def isolated(binary):
+    made = []
+
+    def make(**env):
+        iso = Isolated(binary, **env)
+        made.append(iso)
+        return iso.start()
+
+    yield make
+    for iso in made:
+        iso.destroy()

@@ -403,3 +403,79 @@ def message_ids(ws, n, timeout=20):
         ws.recv_until(lambda f: f["type"] == "message",
                       max(deadline - time.time(), 0.01))
     return ids()
+
+
+class Isolated:
+    """A cluster of its own and a two-worker server on it, for tests that
+    stop the database or kill its backends (the `isolated` fixture)."""
+
+    def __init__(self, binary, **env):
+        self.pg = PgCluster()
+        base = {"PARLEY_LISTEN": "127.0.0.1:%d" % free_port(),
+                "PARLEY_WORKERS": "2", "PARLEY_DATABASE_URL": self.pg.url,
+                "PARLEY_JWT_SECRET": SECRET}
+        base.update(env)
+        self.srv = Server(binary, base)
+        self.sockets = []
+        self.conns = []
+
+    def start(self):
+        self.srv.start()
+        self.pids = self.srv.worker_pids()
+        assert len(self.pids) == 2, self.pids
+        return self
+
+    def connect(self):
+        c = self.pg.connect()
+        self.conns.append(c)
+        return c
+
+    def ws(self, path, token, **kw):
+        w = WS(self.srv, path, token, **kw)
+        self.sockets.append(w)
+        return w
+
+    def chat(self, conv, user, name=None, after=None):
+        path = "/ws/chat/%d/" % conv
+        if after is not None:
+            path += "?after=%d" % after
+        w = self.ws(path, make_token(user, name))
+        ready = w.recv()
+        assert ready["type"] == "ready", ready
+        return w
+
+    def readyz(self):
+        try:
+            return requests.get(self.srv.base + "/readyz",
+                                timeout=5).status_code
+        except requests.RequestException:
+            return None
+
+    def wait_ready(self, timeout=30):
+        wait_for(lambda: self.readyz() == 200, timeout, 0.1,
+                 "/readyz 200")
+
+    def assert_workers_alive(self):
+        assert self.srv.proc.poll() is None, self.srv.output()[-3000:]
+        assert self.srv.worker_pids() == self.pids, \
+            "a worker was replaced:\n" + self.srv.output()[-3000:]
+        assert not self.srv.problems(), self.srv.problems()
+
+    def destroy(self):
+        for w in self.sockets:
+            w.close()
+        for c in self.conns:
+            try:
+                c.close()
+            except Exception:
+                pass
+        self.srv.destroy()
+        self.pg.destroy()
+
+
+def kill_parley_backends(conn, wait_ms=0):
+    """Terminate every parley backend; with wait_ms, wait until each is gone
+    (so that what the caller writes next finds them down)."""
+    return sql_one(conn, "SELECT count(*) FROM (SELECT "
+                   "pg_terminate_backend(pid, %s) FROM pg_stat_activity "
+                   "WHERE application_name = 'parley') t", wait_ms)

@@ -3,7 +3,8 @@
 Two browsers signed in as two users chat both ways and see typing, read marks and
 unread badges change live; a service notification shows as a toast; a server restart
 while a user keeps sending loses and duplicates nothing; an expired token ends in a
-clear signed-out state instead of a reconnect loop.
+clear signed-out state instead of a reconnect loop; notifications the server
+sends again after its database connection came back are emitted once.
 
 Needs Debian's python3-selenium, chromium and chromium-driver.
 """
@@ -16,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import api, make_token, new_id, service_token
+from helpers import (api, kill_parley_backends, make_token, new_id,
+                     service_token, sql_one, wait_for)
 
 from selenium import webdriver  # noqa: E402  (scripts/test installs it)
 from selenium.common.exceptions import (  # noqa: E402
@@ -402,3 +404,53 @@ def test_parley_js_rest_helpers(server, pair, browsers):
         "conversation": cid,
         "missing": [404, "not_found"],
     }
+
+
+def test_parley_js_emits_each_notification_once_through_a_bus_catch_up(isolated):
+    """When a worker's LISTEN connection comes back, its catch-up sends again
+    the notifications of the seconds before it was lost (PROTOCOL.md, delivery
+    guarantees): a raw socket gets the first one twice, parley.js emits it
+    once, and also the one stored while the connection was down."""
+    iso = isolated()
+    conn = iso.connect()
+    user = new_id("ana")
+    token = make_token(user, "Ana")
+    raw = iso.ws("/ws/notifications/", token)
+    assert raw.recv()["type"] == "ready"
+    page = ChatPage(iso.srv.base, user, "Ana")
+    try:
+        page.driver.get(iso.srv.base + "/")
+        synced = page.driver.execute_async_script(
+            """
+            const [token, done] = arguments;
+            (async () => {
+              const { Parley } = await import('/parley.js');
+              window.__notes = [];
+              const socket = new Parley({ token }).connectNotifications({ after: 0 });
+              socket.subscribe('notification', (f) => window.__notes.push(f.id));
+              socket.subscribe('synced', () => done(true));
+            })().catch((e) => done(String(e)));
+            """,
+            token,
+        )
+        assert synced is True, synced
+
+        def notes():
+            return page.driver.execute_script("return window.__notes")
+
+        post = "SELECT parley_post_notification(%s, %s, '{}')::json->>'id'"
+        first = int(sql_one(conn, post, user, "friend_request"))
+        page.wait(lambda d: notes() == [first], message="the first notification")
+        listening = iso.srv.output().count("bus: listening")
+        assert kill_parley_backends(conn, 5000) >= 4
+        second = int(sql_one(conn, post, user, "match"))
+        wait_for(lambda: iso.srv.output().count("bus: listening") >=
+                 listening + len(iso.pids), 30, 0.1, "every worker listening again")
+        third = int(sql_one(conn, post, user, "friend_accepted"))
+
+        raw.recv_until(lambda f: f.get("id") == third, timeout=15)
+        assert [f.get("id") for f in raw.frames].count(first) == 2, raw.frames
+        page.wait(lambda d: third in notes(), message="the third notification")
+        assert notes() == [first, second, third]
+    finally:
+        page.quit()

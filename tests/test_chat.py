@@ -16,7 +16,7 @@ import pytest
 import requests
 import websocket
 
-from helpers import (message_ids, WS, Closed, Server, create_conversation, free_port,
+from helpers import (message_ids, WS, Closed, create_conversation,
                      make_token, metrics, new_id, service_token, sql_one,
                      sql_rows, wait_for, SECRET)
 

@@ -11,98 +11,15 @@ pids must be the ones it started with.
 import threading
 import time
 
-import pytest
 import requests
 
-from helpers import (message_ids, PgCluster, SECRET, WS, Server,
-                     create_conversation, free_port, make_token, new_id,
-                     sql_one, sql_rows, wait_for)
+from helpers import (create_conversation, kill_parley_backends, make_token,
+                     message_ids, new_id, sql_one, sql_rows, wait_for)
 
 
 # ---------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------
-
-class Isolated:
-    """A cluster of its own and a server on it."""
-
-    def __init__(self, binary, **env):
-        self.pg = PgCluster()
-        base = {"PARLEY_LISTEN": "127.0.0.1:%d" % free_port(),
-                "PARLEY_WORKERS": "2", "PARLEY_DATABASE_URL": self.pg.url,
-                "PARLEY_JWT_SECRET": SECRET}
-        base.update(env)
-        self.srv = Server(binary, base)
-        self.sockets = []
-        self.conns = []
-
-    def start(self):
-        self.srv.start()
-        self.pids = self.srv.worker_pids()
-        assert len(self.pids) == 2, self.pids
-        return self
-
-    def connect(self):
-        c = self.pg.connect()
-        self.conns.append(c)
-        return c
-
-    def ws(self, path, token, **kw):
-        w = WS(self.srv, path, token, **kw)
-        self.sockets.append(w)
-        return w
-
-    def chat(self, conv, user, name=None, after=None):
-        path = "/ws/chat/%d/" % conv
-        if after is not None:
-            path += "?after=%d" % after
-        w = self.ws(path, make_token(user, name))
-        ready = w.recv()
-        assert ready["type"] == "ready", ready
-        return w
-
-    def readyz(self):
-        try:
-            return requests.get(self.srv.base + "/readyz",
-                                timeout=5).status_code
-        except requests.RequestException:
-            return None
-
-    def wait_ready(self, timeout=30):
-        wait_for(lambda: self.readyz() == 200, timeout, 0.1,
-                 "/readyz 200")
-
-    def assert_workers_alive(self):
-        assert self.srv.proc.poll() is None, self.srv.output()[-3000:]
-        assert self.srv.worker_pids() == self.pids, \
-            "a worker was replaced:\n" + self.srv.output()[-3000:]
-        assert not self.srv.problems(), self.srv.problems()
-
-    def destroy(self):
-        for w in self.sockets:
-            w.close()
-        for c in self.conns:
-            try:
-                c.close()
-            except Exception:
-                pass
-        self.srv.destroy()
-        self.pg.destroy()
-
-
-@pytest.fixture
-def isolated(binary):
-    made = []
-
-    def make(**env):
-        iso = Isolated(binary, **env)
-        made.append(iso)
-        return iso.start()
-
-    yield make
-    for iso in made:
-        iso.destroy()
-
 
 def send_until_acked(ws, content, client_id, deadline):
     """Send; on `internal` re-send the same client_id until acked.
@@ -142,14 +59,6 @@ def exactly_once_in_order(ws, expected, conn, conv, sender, iso=None):
                        "RETURNING id", conv, sender)
     got = message_ids(ws, len(expected) + 1)
     assert got == sorted(expected) + [sentinel], got
-
-
-def kill_parley_backends(conn, wait_ms=0):
-    """Terminate every parley backend; with wait_ms, wait until each is gone
-    (so that what the caller writes next finds them down)."""
-    return sql_one(conn, "SELECT count(*) FROM (SELECT "
-                   "pg_terminate_backend(pid, %s) FROM pg_stat_activity "
-                   "WHERE application_name = 'parley') t", wait_ms)
 
 
 def seen(ws, pred, timeout=15):
