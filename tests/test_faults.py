@@ -8,6 +8,8 @@ server log must show no crashed worker (Server.problems()) and the worker
 pids must be the ones it started with.
 """
 
+import os
+import signal
 import threading
 import time
 
@@ -278,6 +280,38 @@ def test_notifications_while_bus_reconnects_are_delivered(isolated):
     after = int(sql_one(conn, post, b, "friend_accepted"))
     for w in socks:
         seen(w, lambda f: f["type"] == "friend_accepted" and f["id"] == after)
+    iso.assert_workers_alive()
+
+
+def test_listen_connection_that_stops_answering_is_replaced(isolated):
+    """A LISTEN connection whose backend stops answering (stopped with
+    SIGSTOP, as a network that silently drops packets would look) is
+    replaced once a ping has gone unanswered for 15 s, and a message written
+    meanwhile arrives through the catch-up."""
+    iso = isolated()
+    conn = iso.connect()
+    a, b = new_id(), new_id()
+    conv = create_conversation(conn, [a, b])
+    wb = iso.chat(conv, b, "Bob")
+
+    def listening():
+        pids = [r[0] for r in sql_rows(
+            conn, "SELECT pid FROM pg_stat_activity WHERE application_name "
+            "= 'parley' AND query LIKE '%%LISTEN parley%%'")]
+        return pids if len(pids) == len(iso.pids) else None
+
+    listeners = wait_for(listening, 15, 0.1, "every worker listening")
+    for pid in listeners:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        written = sql_one(conn, "INSERT INTO messages (conversation_id, "
+                          "sender_id, content) VALUES (%s, %s, 'while deaf') "
+                          "RETURNING id", conv, a)
+        assert message_ids(wb, 1, timeout=40) == [written]
+        assert iso.srv.output().count("LISTEN connection stopped answering") == 2
+    finally:
+        for pid in listeners:
+            os.kill(pid, signal.SIGCONT)
     iso.assert_workers_alive()
 
 
