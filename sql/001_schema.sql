@@ -115,6 +115,9 @@ create unique index notifications_collapse
 create index notifications_user on notifications (user_id, id);
 -- Unread counts and the unread-only list.
 create index notifications_unread on notifications (user_id, id) where read_at is null;
+-- What a user read since a time: the bus catch-up (005_sockets.sql), which
+-- would otherwise read every notification the user ever had.
+create index notifications_read on notifications (user_id, read_at) where read_at is not null;
 
 -- Messages of big conversations whose new_message notifications are still
 -- to be written (002_messages.sql): one row per INSERT statement and
