@@ -78,7 +78,9 @@ static int	bus_parse_int(const char **, const char *, int64_t *);
 static void	bus_route(struct bus_parsed *);
 static void	bus_drain(void);
 static void	bus_fetch(struct bus_parsed *);
+static void	bus_fetch_query(void *, u_int64_t);
 static void	bus_fetched(struct db_result *, void *);
+static void	bus_backoff(u_int64_t *);
 static void	bus_catchup_start(int64_t, int64_t);
 static void	bus_catchup_user(const char *, void *);
 static void	bus_catchup_users(struct bus_users *);
@@ -93,6 +95,7 @@ static int			bus_paused;
 static int			bus_catchups;
 static struct bus_parsed	bus_fetching;
 static char			bus_fetching_uid[PARLEY_USER_ID_MAX + 1];
+static u_int64_t		bus_fetch_backoff;
 static char			bus_alive_at[BUS_TIME_MAX];
 
 /* The LISTEN is in place: catch every conversation up, then go live. */
@@ -201,42 +204,65 @@ bus_route(struct bus_parsed *p)
 static void
 bus_fetch(struct bus_parsed *p)
 {
-	const char	*params[1];
-	char		seq[24];
-
 	/* The note that p points into is freed when we return. */
 	bus_fetching = *p;
 	memcpy(bus_fetching_uid, p->uid, p->uid_len);
 	bus_fetching.uid = bus_fetching_uid;
-
-	(void)snprintf(seq, sizeof(seq), "%lld", (long long)p->seq);
-	params[0] = seq;
+	bus_fetch_backoff = 0;
 
 	bus_paused++;
-	(void)db_query(p->kind == 'M' ?
+	bus_fetch_query(NULL, 0);
+}
+
+static void
+bus_fetch_query(void *unused, u_int64_t now)
+{
+	const char	*params[1];
+	char		seq[24];
+
+	(void)snprintf(seq, sizeof(seq), "%lld", (long long)bus_fetching.seq);
+	params[0] = seq;
+
+	(void)db_query(bus_fetching.kind == 'M' ?
 	    "SELECT parley_message_frame($1)" :
 	    "SELECT parley_notification_frame($1)", 1, params,
 	    bus_fetched, NULL);
 }
 
+/* A failed fetch is retried like a catch-up: not lost, not overtaken. */
 static void
 bus_fetched(struct db_result *r, void *unused)
 {
 	struct bus_parsed	*p = &bus_fetching;
 
-	if (r->ok && PQntuples(r->res) == 1 && !PQgetisnull(r->res, 0, 0)) {
+	if (!r->ok) {
+		bus_backoff(&bus_fetch_backoff);
+		(void)kore_timer_add(bus_fetch_query, bus_fetch_backoff, NULL,
+		    KORE_TIMER_ONESHOT);
+		return;
+	}
+
+	if (PQntuples(r->res) == 1 && !PQgetisnull(r->res, 0, 0)) {
 		p->kind = p->kind == 'M' ? 'm' : 'n';
 		p->json = PQgetvalue(r->res, 0, 0);
 		p->json_len = PQgetlength(r->res, 0, 0);
 		bus_route(p);
 	} else {
-		/* Lost for now; a reconnecting client's `after` recovers it. */
-		kore_log(LOG_NOTICE, "bus: could not fetch %c %lld",
+		/* Deleted since: nothing left to deliver. */
+		kore_log(LOG_NOTICE, "bus: %c %lld is gone",
 		    p->kind, (long long)p->seq);
 	}
 
 	bus_paused--;
 	bus_drain();
+}
+
+static void
+bus_backoff(u_int64_t *backoff)
+{
+	*backoff = *backoff ? *backoff * 2 : BUS_RETRY_MIN;
+	if (*backoff > BUS_RETRY_MAX)
+		*backoff = BUS_RETRY_MAX;
 }
 
 static void
@@ -327,9 +353,7 @@ bus_catchup_done(struct db_result *r, void *arg)
 	struct bus_catchup	*cu = arg;
 
 	if (!r->ok) {
-		cu->backoff = cu->backoff ? cu->backoff * 2 : BUS_RETRY_MIN;
-		if (cu->backoff > BUS_RETRY_MAX)
-			cu->backoff = BUS_RETRY_MAX;
+		bus_backoff(&cu->backoff);
 		(void)kore_timer_add(bus_catchup_retry, cu->backoff, cu,
 		    KORE_TIMER_ONESHOT);
 		return;

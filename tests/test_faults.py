@@ -315,6 +315,37 @@ def test_listen_connection_that_stops_answering_is_replaced(isolated):
     iso.assert_workers_alive()
 
 
+def test_message_by_reference_is_fetched_again_after_a_failure(isolated):
+    """A message too big for NOTIFY goes by reference, and each worker
+    fetches it through its pool. When that fetch fails (here the pool's one
+    backend stops answering, SIGSTOP, and is replaced after 15 s) it is
+    retried, not dropped: the reader gets it, then the message written after
+    it, in order."""
+    iso = isolated(PARLEY_DB_POOL="1")
+    conn = iso.connect()
+    a, b = new_id(), new_id()
+    conv = create_conversation(conn, [a, b])
+    wb = iso.chat(conv, b, "Bob")
+    pool = [r[0] for r in sql_rows(
+        conn, "SELECT pid FROM pg_stat_activity WHERE application_name = "
+        "'parley' AND query NOT LIKE '%%LISTEN parley%%'")]
+    assert len(pool) == len(iso.pids), pool
+    write = ("INSERT INTO messages (conversation_id, sender_id, content) "
+             "VALUES (%s, %s, %s) RETURNING id")
+    for pid in pool:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        big = sql_one(conn, write, conv, a, "\u00e9" * 4000)    # 8,000 bytes
+        small = sql_one(conn, write, conv, a, "after it")
+        assert message_ids(wb, 2, timeout=45) == [big, small]
+    finally:
+        for pid in pool:
+            os.kill(pid, signal.SIGCONT)
+    shown = [f["message"] for f in wb.frames if f["type"] == "message"]
+    assert shown[0]["content"] == "\u00e9" * 4000
+    iso.assert_workers_alive()
+
+
 def test_database_stopped_then_started(isolated):
     iso = isolated()
     conn = iso.connect()
