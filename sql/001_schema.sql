@@ -49,6 +49,7 @@ create table participants (
     -- reads (002_messages.sql).
     read_count            bigint not null default 0,
     last_read_message_id  bigint not null default 0,
+    last_read_at          timestamptz,             -- when last_read_message_id last moved
     muted                 boolean not null default false,
     joined_at             timestamptz not null default now(),
     primary key (conversation_id, user_id)

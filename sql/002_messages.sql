@@ -590,6 +590,18 @@ begin
 end
 $$;
 
+-- The read_receipt event: live from parley_mark_read, and again from the
+-- catch-up of a worker whose LISTEN connection came back (005_sockets.sql).
+create or replace function parley_read_receipt_json(p_conversation bigint, p_user text,
+                                                    p_message_id bigint, p_at timestamptz)
+returns text
+language sql stable
+as $$
+    select json_build_object('type', 'read_receipt', 'conversation_id', p_conversation,
+                             'user_id', p_user, 'message_id', p_message_id,
+                             'read_at', parley_ts(p_at))::text
+$$;
+
 -- Move a reader's position forward (never back), recount their unread messages,
 -- send the read_receipt and mark the conversation's new_message notification read.
 create or replace function parley_mark_read(p_conversation bigint, p_user text,
@@ -631,15 +643,14 @@ begin
      where c.id = p_conversation;
 
     update participants
-       set last_read_message_id = v_pos, read_count = v_count - v_unread
+       set last_read_message_id = v_pos, read_count = v_count - v_unread,
+           last_read_at = case when v_pos > v_old then v_now else last_read_at end
      where conversation_id = p_conversation and user_id = p_user
        and (last_read_message_id, read_count) is distinct from (v_pos, v_count - v_unread);
 
     if v_pos > v_old then
         perform parley_emit('e', 0, p_conversation, null,
-            json_build_object('type', 'read_receipt', 'conversation_id', p_conversation,
-                              'user_id', p_user, 'message_id', v_pos,
-                              'read_at', parley_ts(v_now))::text);
+                            parley_read_receipt_json(p_conversation, p_user, v_pos, v_now));
 
         -- Only once the reader has reached the message it stands for: a read
         -- of an older message leaves it unread, as the unread count does.

@@ -307,6 +307,24 @@ as $$
      limit p_limit
 $$;
 
+-- The read receipts of a conversation since p_since (minus the same slack as
+-- parley_notification_catchup below), one per reader at their current
+-- position: what its sockets may have missed while the worker's LISTEN
+-- connection was down, sent after the messages' catch-up.
+create or replace function parley_receipt_catchup(p_conversation bigint,
+                                                  p_since timestamptz)
+returns table (frame text)
+language sql stable
+set search_path from current
+as $$
+    select parley_read_receipt_json(p.conversation_id, p.user_id,
+                                    p.last_read_message_id, p.last_read_at)
+      from participants p
+     where p.conversation_id = p_conversation
+       and p.last_read_at > p_since - interval '10 seconds'
+     order by p.last_read_at
+$$;
+
 -- What a worker's notification sockets may have missed while its LISTEN
 -- connection was down, for each of p_users (a JSON array of ids): the live
 -- frames of the unread notifications stored or collapsed (which sets

@@ -23,9 +23,9 @@
  * what arrives meanwhile: a frame sent by reference (too big for NOTIFY)
  * being fetched, and the catch-up after the LISTEN connection came back,
  * which replays to each conversation what its sockets missed while it was
- * down, and to each user with notification sockets the notifications
- * stored, collapsed or read since the connection was last known alive, so
- * a database restart loses nothing.
+ * down (messages, then read receipts), and to each user with notification
+ * sockets the notifications stored, collapsed or read since the connection
+ * was last known alive, so a database restart loses nothing.
  */
 
 #include <sys/types.h>
@@ -40,6 +40,10 @@
 #define BUS_CATCHUP_LIMIT	500
 #define BUS_CATCHUP_USERS	500
 #define BUS_TIME_MAX		64
+
+#define BUS_CATCHUP_MESSAGES		1
+#define BUS_CATCHUP_RECEIPTS		2
+#define BUS_CATCHUP_NOTIFICATIONS	3
 #define BUS_RETRY_MIN		100
 #define BUS_RETRY_MAX		5000
 
@@ -49,8 +53,13 @@ struct bus_note {
 	char			data[];
 };
 
-/* The messages of one conversation after `after`, or notifications. */
+/*
+ * What sockets may have missed while LISTEN was down: a conversation's
+ * messages after `after`, then its read receipts since `since`; or the
+ * notifications of `users` (a JSON array) since `since`.
+ */
 struct bus_catchup {
+	int			kind;
 	int64_t			conversation_id;
 	int64_t			after;
 	char			*users;
@@ -81,13 +90,14 @@ static void	bus_fetch(struct bus_parsed *);
 static void	bus_fetch_query(void *, u_int64_t);
 static void	bus_fetched(struct db_result *, void *);
 static void	bus_backoff(u_int64_t *);
-static void	bus_catchup_start(int64_t, int64_t);
+static void	bus_catchup_start(int, int64_t, int64_t, const char *);
 static void	bus_catchup_user(const char *, void *);
 static void	bus_catchup_users(struct bus_users *);
 static void	bus_catchup_query(struct bus_catchup *);
 static void	bus_catchup_retry(void *, u_int64_t);
 static void	bus_catchup_done(struct db_result *, void *);
 static void	bus_catchup_messages(struct bus_catchup *, PGresult *);
+static void	bus_catchup_receipts(struct bus_catchup *, PGresult *);
 static void	bus_catchup_notifications(PGresult *);
 
 static TAILQ_HEAD(, bus_note)	bus_queue = TAILQ_HEAD_INITIALIZER(bus_queue);
@@ -111,8 +121,10 @@ bus_up(void)
 	bus_paused++;
 	for (conv = hub_conv_first(); conv != NULL;
 	    conv = hub_conv_next(conv)) {
-		if ((low = hub_conv_low_seq(conv)) >= 0)
-			bus_catchup_start(hub_conv_id(conv), low);
+		if ((low = hub_conv_low_seq(conv)) >= 0) {
+			bus_catchup_start(BUS_CATCHUP_MESSAGES,
+			    hub_conv_id(conv), low, bus_alive_at);
+		}
 	}
 
 	/* Before the first ping of the worker's first LISTEN nothing is owed. */
@@ -266,13 +278,16 @@ bus_backoff(u_int64_t *backoff)
 }
 
 static void
-bus_catchup_start(int64_t conversation_id, int64_t after)
+bus_catchup_start(int kind, int64_t conversation_id, int64_t after,
+    const char *since)
 {
 	struct bus_catchup	*cu;
 
 	cu = kore_calloc(1, sizeof(*cu));
+	cu->kind = kind;
 	cu->conversation_id = conversation_id;
 	cu->after = after;
+	(void)kore_strlcpy(cu->since, since, sizeof(cu->since));
 
 	bus_catchups++;
 	bus_catchup_query(cu);
@@ -300,6 +315,7 @@ bus_catchup_users(struct bus_users *users)
 
 	kore_buf_append(&users->json, "]", 1);
 	cu = kore_calloc(1, sizeof(*cu));
+	cu->kind = BUS_CATCHUP_NOTIFICATIONS;
 	cu->users = kore_strdup(kore_buf_stringify(&users->json, NULL));
 	(void)kore_strlcpy(cu->since, bus_alive_at, sizeof(cu->since));
 	kore_buf_reset(&users->json);
@@ -315,17 +331,25 @@ bus_catchup_query(struct bus_catchup *cu)
 	const char		*params[3];
 	char			conv[24], a[24], limit[16];
 
-	if (cu->users != NULL) {
+	(void)snprintf(conv, sizeof(conv), "%lld",
+	    (long long)cu->conversation_id);
+
+	switch (cu->kind) {
+	case BUS_CATCHUP_NOTIFICATIONS:
 		params[0] = cu->users;
 		params[1] = cu->since;
 		(void)db_query("SELECT user_id, frame FROM "
 		    "parley_notification_catchup($1, $2)", 2, params,
 		    bus_catchup_done, cu);
 		return;
+	case BUS_CATCHUP_RECEIPTS:
+		params[0] = conv;
+		params[1] = cu->since;
+		(void)db_query("SELECT frame FROM parley_receipt_catchup($1, $2)",
+		    2, params, bus_catchup_done, cu);
+		return;
 	}
 
-	(void)snprintf(conv, sizeof(conv), "%lld",
-	    (long long)cu->conversation_id);
 	(void)snprintf(a, sizeof(a), "%lld", (long long)cu->after);
 	(void)snprintf(limit, sizeof(limit), "%d", BUS_CATCHUP_LIMIT);
 	params[0] = conv;
@@ -361,18 +385,27 @@ bus_catchup_done(struct db_result *r, void *arg)
 
 	bus_catchups--;
 
-	if (cu->users != NULL) {
+	switch (cu->kind) {
+	case BUS_CATCHUP_MESSAGES:
+		bus_catchup_messages(cu, r->res);
+		break;
+	case BUS_CATCHUP_RECEIPTS:
+		bus_catchup_receipts(cu, r->res);
+		break;
+	case BUS_CATCHUP_NOTIFICATIONS:
 		bus_catchup_notifications(r->res);
 		kore_free(cu->users);
-	} else {
-		bus_catchup_messages(cu, r->res);
+		break;
 	}
 
 	kore_free(cu);
 	bus_drain();
 }
 
-/* Deliver what was missed; a full page means there may be more. */
+/*
+ * Deliver what was missed; a full page means there may be more, and after
+ * the last page come the read receipts, which refer to those messages.
+ */
 static void
 bus_catchup_messages(struct bus_catchup *cu, PGresult *res)
 {
@@ -389,8 +422,24 @@ bus_catchup_messages(struct bus_catchup *cu, PGresult *res)
 		    PQgetvalue(res, i, 1), PQgetlength(res, i, 1));
 	}
 
-	if (n == BUS_CATCHUP_LIMIT)
-		bus_catchup_start(cu->conversation_id, id);
+	if (n == BUS_CATCHUP_LIMIT) {
+		bus_catchup_start(BUS_CATCHUP_MESSAGES, cu->conversation_id, id,
+		    cu->since);
+	} else if (cu->since[0] != '\0') {
+		bus_catchup_start(BUS_CATCHUP_RECEIPTS, cu->conversation_id, 0,
+		    cu->since);
+	}
+}
+
+static void
+bus_catchup_receipts(struct bus_catchup *cu, PGresult *res)
+{
+	int		i;
+
+	for (i = 0; i < PQntuples(res); i++) {
+		hub_conversation(cu->conversation_id, 0, NULL, 0,
+		    PQgetvalue(res, i, 0), PQgetlength(res, i, 0));
+	}
 }
 
 static void

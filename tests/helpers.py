@@ -1,6 +1,7 @@
 """Client-side helpers for Parley's tests: tokens, REST calls, sockets,
 and the PostgreSQL cluster and server processes the fixtures manage."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -479,3 +480,17 @@ def kill_parley_backends(conn, wait_ms=0):
     return sql_one(conn, "SELECT count(*) FROM (SELECT "
                    "pg_terminate_backend(pid, %s) FROM pg_stat_activity "
                    "WHERE application_name = 'parley') t", wait_ms)
+
+
+@contextlib.contextmanager
+def parley_cut_off(conn):
+    """Every parley backend killed, and the role closed to new logins until
+    the block ends: what the block writes on conn (already connected) is
+    committed while every worker's LISTEN and pool are down, however fast
+    they try to come back. (The workers connect as the same role.)"""
+    sql_one(conn, "ALTER ROLE CURRENT_USER NOLOGIN")
+    try:
+        assert kill_parley_backends(conn, 5000) >= 1
+        yield
+    finally:
+        sql_one(conn, "ALTER ROLE CURRENT_USER LOGIN")

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import (api, kill_parley_backends, make_token, new_id,
-                     service_token, sql_one, wait_for)
+from helpers import (api, make_token, new_id, parley_cut_off, service_token,
+                     sql_one, wait_for)
 
 from selenium import webdriver  # noqa: E402  (scripts/test installs it)
 from selenium.common.exceptions import (  # noqa: E402
@@ -442,8 +442,8 @@ def test_parley_js_emits_each_notification_once_through_a_bus_catch_up(isolated)
         first = int(sql_one(conn, post, user, "friend_request"))
         page.wait(lambda d: notes() == [first], message="the first notification")
         listening = iso.srv.output().count("bus: listening")
-        assert kill_parley_backends(conn, 5000) >= 4
-        second = int(sql_one(conn, post, user, "match"))
+        with parley_cut_off(conn):
+            second = int(sql_one(conn, post, user, "match"))
         wait_for(lambda: iso.srv.output().count("bus: listening") >=
                  listening + len(iso.pids), 30, 0.1, "every worker listening again")
         third = int(sql_one(conn, post, user, "friend_accepted"))

@@ -16,7 +16,8 @@ import time
 import requests
 
 from helpers import (create_conversation, kill_parley_backends, make_token,
-                     message_ids, new_id, sql_one, sql_rows, wait_for)
+                     message_ids, new_id, parley_cut_off, sql_one, sql_rows,
+                     wait_for)
 
 
 # ---------------------------------------------------------------------------
@@ -259,10 +260,10 @@ def test_notifications_while_bus_reconnects_are_delivered(isolated):
         seen(w, lambda f: f["type"] == "new_message" and f["count"] == 1)
 
     listening = iso.srv.output().count("bus: listening")
-    assert kill_parley_backends(conn, 5000) >= 2 * 2
-    new = int(sql_one(conn, post, b, "match"))
-    last = sql_one(conn, write, conv, a, "two")
-    sql_one(conn, "SELECT parley_read_notification(%s, %s)", b, old)
+    with parley_cut_off(conn):
+        new = int(sql_one(conn, post, b, "match"))
+        last = sql_one(conn, write, conv, a, "two")
+        sql_one(conn, "SELECT parley_read_notification(%s, %s)", b, old)
     unread = sql_one(conn, "SELECT count(*) FROM notifications WHERE "
                      "user_id = %s AND read_at IS NULL", b)
     wait_for(lambda: iso.srv.output().count("bus: listening") >=
@@ -280,6 +281,47 @@ def test_notifications_while_bus_reconnects_are_delivered(isolated):
     after = int(sql_one(conn, post, b, "friend_accepted"))
     for w in socks:
         seen(w, lambda f: f["type"] == "friend_accepted" and f["id"] == after)
+    iso.assert_workers_alive()
+
+
+def test_read_receipts_while_bus_reconnects_are_delivered(isolated):
+    """A conversation read while the workers' LISTEN is down: the other
+    participant's sockets, on both workers, get its read_receipt after the
+    messages' catch-up once the bus is back."""
+    iso = isolated()
+    conn = iso.connect()
+    a, b = new_id(), new_id()
+    conv = create_conversation(conn, [a, b])
+    workers = {str(p) for p in iso.pids}
+    socks, held = [], set()
+    while held != workers and len(socks) < 40:
+        socks.append(iso.chat(conv, a, "Ann"))
+        time.sleep(0.05)
+        held = {r[0] for r in sql_rows(conn, "SELECT split_part(node, '-', 1) "
+                                       "FROM parley_sockets WHERE user_id = %s", a)}
+    assert held == workers, held
+    write = ("INSERT INTO messages (conversation_id, sender_id, content) "
+             "VALUES (%s, %s, %s) RETURNING id")
+    first = sql_one(conn, write, conv, a, "one")
+    for w in socks:
+        assert message_ids(w, 1) == [first]
+
+    listening = iso.srv.output().count("bus: listening")
+    with parley_cut_off(conn):
+        second = sql_one(conn, write, conv, a, "two")
+        sql_one(conn, "SELECT parley_mark_read(%s, %s, NULL)", conv, b)
+    wait_for(lambda: iso.srv.output().count("bus: listening") >=
+             listening + len(iso.pids), 30, 0.1, "every worker listening again")
+
+    for w in socks:
+        receipt = seen(w, lambda f: f["type"] == "read_receipt")
+        assert (receipt["user_id"], receipt["message_id"]) == (b, second)
+        got = [f["message"]["id"] for f in w.frames if f["type"] == "message"]
+        assert got == [first, second], got
+        # the receipt came after the message it refers to
+        kinds = [f["type"] for f in w.frames if f["type"] in
+                 ("message", "read_receipt")]
+        assert kinds == ["message", "message", "read_receipt"], kinds
     iso.assert_workers_alive()
 
 
