@@ -108,7 +108,7 @@ static char			bus_fetching_uid[PARLEY_USER_ID_MAX + 1];
 static u_int64_t		bus_fetch_backoff;
 static char			bus_alive_at[BUS_TIME_MAX];
 
-/* The LISTEN is in place: catch every conversation up, then go live. */
+/* The LISTEN is in place: catch every socket up, then go live. */
 void
 bus_up(void)
 {
