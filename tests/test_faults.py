@@ -15,9 +15,9 @@ import time
 
 import requests
 
-from helpers import (create_conversation, kill_parley_backends, make_token,
-                     message_ids, new_id, parley_cut_off, sql_one, sql_rows,
-                     wait_for)
+from helpers import (api, create_conversation, kill_parley_backends,
+                     make_token, message_ids, new_id, parley_cut_off, sql_one,
+                     sql_rows, wait_for)
 
 
 # ---------------------------------------------------------------------------
@@ -436,4 +436,30 @@ def test_database_stopped_then_started(isolated):
     wb.send({"type": "typing", "is_typing": True})
     assert wa.recv_type("typing", timeout=15)["user_id"] == b
     iso.chat(conv, b, "Bob")
+    iso.assert_workers_alive()
+
+
+def test_statement_that_failed_to_prepare_is_prepared_again(isolated):
+    """A pooled connection prepares each statement the first time it runs
+    it (docs/DATA.md). A prepare that failed (here: its function was
+    missing) answers that query with internal and leaves the statement
+    unprepared, so the next call prepares it again rather than run a name
+    the connection does not have."""
+    iso = isolated(PARLEY_DB_POOL="1")
+    conn = iso.connect()
+    token = make_token(new_id(), "Ann")
+    cur = conn.cursor()
+    cur.execute("ALTER FUNCTION parley_unread(text) RENAME TO parley_unread_away")
+    try:
+        # fresh connections, so both workers' one pooled connection fail it
+        for _ in range(8):
+            r = api(iso.srv, "GET", "/api/unread", token)
+            assert r.status_code == 500, r.text
+            assert r.json()["error"]["code"] == "internal", r.text
+    finally:
+        cur.execute("ALTER FUNCTION parley_unread_away(text) RENAME TO parley_unread")
+    for _ in range(8):
+        r = api(iso.srv, "GET", "/api/unread", token)
+        assert r.status_code == 200, r.text
+        assert r.json()["total"] == 0, r.text
     iso.assert_workers_alive()
