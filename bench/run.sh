@@ -67,11 +67,23 @@ setup() {
 	# session set (pg_stat_statements with track=all costs every nested
 	# statement) is reset first.
 	psql_db postgres -c "ALTER SYSTEM RESET ALL"
-	local s
+	local s dotted=
 	for s in $PG_SETTINGS; do
-		psql_db postgres -c "ALTER SYSTEM SET ${s%%=*} = '${s#*=}'"
+		case ${s%%=*} in
+		*.*)	dotted="$dotted $s" ;;
+		*)	psql_db postgres -c "ALTER SYSTEM SET ${s%%=*} = '${s#*=}'" ;;
+		esac
 	done
 	as_pg "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/log" -w restart >/dev/null
+	# A module's settings (pg_stat_statements.track) exist once the
+	# restart above loaded it.
+	if [ -n "$dotted" ]; then
+		for s in $dotted; do
+			psql_db postgres -c "ALTER SYSTEM SET ${s%%=*} = '${s#*=}'"
+		done
+		as_pg "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/log" -w \
+		    restart >/dev/null
+	fi
 	if [ "$(huge_pages_used)" = no ] && reserve_huge_pages; then
 		as_pg "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/log" -w \
 		    restart >/dev/null
