@@ -26,6 +26,11 @@
  * down (messages, then read receipts), and to each user with notification
  * sockets the notifications stored, collapsed or read since the connection
  * was last known alive, so a database restart loses nothing.
+ *
+ * The queue is bounded (PARLEY_BUS_QUEUE_MAX notes): past that, what it
+ * holds is dropped and the LISTEN connection made again, and the catch-up
+ * that follows fetches from the database what was dropped, from when the
+ * queue was last empty.
  */
 
 #include <sys/types.h>
@@ -86,6 +91,7 @@ static int	bus_parse(const char *, size_t, struct bus_parsed *);
 static int	bus_parse_int(const char **, const char *, int64_t *);
 static void	bus_route(struct bus_parsed *);
 static void	bus_drain(void);
+static void	bus_overflow(void);
 static void	bus_fetch(struct bus_parsed *);
 static void	bus_fetch_query(void *, u_int64_t);
 static void	bus_fetched(struct db_result *, void *);
@@ -101,6 +107,8 @@ static void	bus_catchup_receipts(struct bus_catchup *, PGresult *);
 static void	bus_catchup_notifications(PGresult *);
 
 static TAILQ_HEAD(, bus_note)	bus_queue = TAILQ_HEAD_INITIALIZER(bus_queue);
+static int			bus_queued;
+static char			bus_queued_since[BUS_TIME_MAX];
 static int			bus_paused;
 static int			bus_catchups;
 static struct bus_parsed	bus_fetching;
@@ -158,12 +166,48 @@ bus_notify(const char *payload, size_t len)
 {
 	struct bus_note		*note;
 
+	if (bus_queued == parley_cfg.bus_queue_max) {
+		bus_overflow();
+		return;
+	}
+
+	/* Empty: whatever came before the last ping has been handled. */
+	if (bus_queued == 0) {
+		(void)kore_strlcpy(bus_queued_since, bus_alive_at,
+		    sizeof(bus_queued_since));
+	}
+
 	note = kore_malloc(sizeof(*note) + len);
 	note->len = len;
 	memcpy(note->data, payload, len);
 	TAILQ_INSERT_TAIL(&bus_queue, note, list);
+	bus_queued++;
 
 	bus_drain();
+}
+
+/*
+ * Too much waits behind a fetch or a catch-up: drop it (and the note that
+ * did not fit) and catch up as after a lost LISTEN, from when the queue
+ * was last empty.
+ */
+static void
+bus_overflow(void)
+{
+	struct bus_note		*note;
+
+	kore_log(LOG_NOTICE, "bus: %d notes queued, dropping them to catch "
+	    "up from the database", bus_queued);
+
+	while ((note = TAILQ_FIRST(&bus_queue)) != NULL) {
+		TAILQ_REMOVE(&bus_queue, note, list);
+		kore_free(note);
+	}
+	bus_queued = 0;
+
+	(void)kore_strlcpy(bus_alive_at, bus_queued_since,
+	    sizeof(bus_alive_at));
+	db_listen_reset("bus queue full");
 }
 
 static void
@@ -175,6 +219,7 @@ bus_drain(void)
 	while (!bus_paused && bus_catchups == 0 &&
 	    (note = TAILQ_FIRST(&bus_queue)) != NULL) {
 		TAILQ_REMOVE(&bus_queue, note, list);
+		bus_queued--;
 		if (bus_parse(note->data, note->len, &p))
 			bus_route(&p);
 		else

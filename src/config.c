@@ -93,6 +93,8 @@ config_load(void)
 		"PARLEY_PING_INTERVAL", 1, 3600, 25, 1000 };
 	static const struct int_setting	drain = {
 		"PARLEY_DRAIN_TIMEOUT", 1, 600, 10, 1000 };
+	static const struct int_setting	bus_queue = {
+		"PARLEY_BUS_QUEUE_MAX", 100, 10000000, 100000, 1 };
 
 	memset(&parley_cfg, 0, sizeof(parley_cfg));
 
@@ -111,6 +113,7 @@ config_load(void)
 	parley_cfg.idle_timeout_ms = config_int(&idle);
 	parley_cfg.ping_interval_ms = config_int(&ping);
 	parley_cfg.drain_timeout_ms = config_int(&drain);
+	parley_cfg.bus_queue_max = config_int(&bus_queue);
 
 	if (parley_cfg.ping_interval_ms >= parley_cfg.idle_timeout_ms)
 		config_fail("PARLEY_PING_INTERVAL must be below "

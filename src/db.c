@@ -217,6 +217,16 @@ db_pool_alive(void)
 	return (0);
 }
 
+/* Drop the LISTEN connection; it comes back, and bus_up() catches up. */
+void
+db_listen_reset(const char *why)
+{
+	struct db_conn		*conn = &db_conns[parley_cfg.db_pool_size];
+
+	if (conn->pg != NULL)
+		db_conn_fail(conn, why);
+}
+
 /* Queries accepted and not yet answered: what a drain waits for. */
 size_t
 db_inflight(void)

@@ -57,6 +57,7 @@ struct parley_config {
 	u_int64_t	idle_timeout_ms;
 	u_int64_t	ping_interval_ms;
 	u_int64_t	drain_timeout_ms;
+	int		bus_queue_max;
 };
 
 extern struct parley_config	parley_cfg;
@@ -103,6 +104,7 @@ void		db_cancel(struct db_query *);
 void		db_init(void);
 void		db_shutdown(void);
 int		db_ready(void);
+void		db_listen_reset(const char *);
 size_t		db_inflight(void);
 
 /* A validated send, from any of the accepted forms (message.c). */

@@ -388,6 +388,47 @@ def test_message_by_reference_is_fetched_again_after_a_failure(isolated):
     iso.assert_workers_alive()
 
 
+def test_bus_queue_past_its_bound_is_caught_up_from_the_database(isolated):
+    """While a frame sent by reference is fetched, the bus holds what comes
+    after it. Past PARLEY_BUS_QUEUE_MAX notes a worker drops them and makes
+    its LISTEN connection again; the catch-up that follows reads what was
+    dropped from the database: memory stays bounded, nothing is lost, and
+    the order holds."""
+    iso = isolated(PARLEY_DB_POOL="1", PARLEY_BUS_QUEUE_MAX="100")
+    conn = iso.connect()
+    a, b, c = new_id(), new_id(), new_id()
+    conv = create_conversation(conn, [a, b, c])
+    wb = iso.chat(conv, b, "Bob")
+    wn = iso.ws("/ws/notifications/", make_token(c, "Cy"))
+    assert wn.recv()["type"] == "ready"
+    pool = [r[0] for r in sql_rows(
+        conn, "SELECT pid FROM pg_stat_activity WHERE application_name = "
+        "'parley' AND query NOT LIKE '%%LISTEN parley%%'")]
+    assert len(pool) == len(iso.pids), pool
+    write = ("INSERT INTO messages (conversation_id, sender_id, content) "
+             "VALUES (%s, %s, %s) RETURNING id")
+    for pid in pool:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        # the fetch of `big` waits on the stopped pool; 300 notes queue
+        # behind it (messages, and c's collapsed notification updates)
+        big = sql_one(conn, write, conv, a, "\u00e9" * 4000)
+        ids = [big] + [sql_one(conn, write, conv, a, "m%d" % i)
+                       for i in range(150)]
+        wait_for(lambda: iso.srv.output().count("notes queued, dropping")
+                 >= len(iso.pids), 20, 0.1, "every worker's queue dropped")
+    finally:
+        for pid in pool:
+            os.kill(pid, signal.SIGCONT)
+    assert message_ids(wb, len(ids), timeout=60) == ids
+    # the notification socket sees the latest state: c's one unread
+    # new_message notification standing for all 151 messages
+    wn.recv_until(lambda f: f["type"] == "new_message" and
+                  f["count"] == len(ids) and f["message"]["id"] == ids[-1],
+                  timeout=30)
+    iso.assert_workers_alive()
+
+
 def test_database_stopped_then_started(isolated):
     iso = isolated()
     conn = iso.connect()

@@ -51,6 +51,7 @@ def base_env(pg):
     ({"PARLEY_RATE_MESSAGES": "10x"}, "PARLEY_RATE_MESSAGES must be an integer"),
     ({"PARLEY_ALLOWED_ORIGINS": "app.example.com"}, "PARLEY_ALLOWED_ORIGINS"),
     ({"PARLEY_PING_INTERVAL": "80"}, "PARLEY_PING_INTERVAL must be below"),
+    ({"PARLEY_BUS_QUEUE_MAX": "99"}, "PARLEY_BUS_QUEUE_MAX must be an integer"),
 ])
 def test_bad_configuration_stops_with_one_clear_line(binary, pg, change, needle):
     env = base_env(pg)
