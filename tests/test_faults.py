@@ -8,6 +8,7 @@ server log must show no crashed worker (Server.problems()) and the worker
 pids must be the ones it started with.
 """
 
+import contextlib
 import os
 import signal
 import threading
@@ -72,6 +73,31 @@ def seen(ws, pred, timeout=15):
     return ws.recv_until(pred, timeout)
 
 
+def sql_message(conn, conv, sender, content):
+    """A message written with SQL, as another program would: its id."""
+    return sql_one(conn, "INSERT INTO messages (conversation_id, sender_id, "
+                   "content) VALUES (%s, %s, %s) RETURNING id",
+                   conv, sender, content)
+
+
+@contextlib.contextmanager
+def pool_stopped(iso, conn):
+    """Every worker's pooled connections stop answering (SIGSTOP of their
+    backends; with PARLEY_DB_POOL=1 one per worker). The LISTEN
+    connections, whose pings name them, go on."""
+    pool = [r[0] for r in sql_rows(
+        conn, "SELECT pid FROM pg_stat_activity WHERE application_name = "
+        "'parley' AND query NOT LIKE '%%LISTEN parley%%'")]
+    assert len(pool) == len(iso.pids), pool
+    for pid in pool:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pool:
+            os.kill(pid, signal.SIGCONT)
+
+
 def stored(conn, conv):
     return sql_rows(conn, "SELECT client_id, id FROM messages WHERE "
                     "conversation_id = %s ORDER BY id", conv)
@@ -105,9 +131,7 @@ def test_postgres_restart_mid_stream(isolated):
     # written while the workers may not have their LISTEN back yet: the
     # catch-up after the bus reconnects delivers them
     for i in range(3):
-        acked.append(sql_one(conn, "INSERT INTO messages (conversation_id, "
-                             "sender_id, content) VALUES (%s, %s, %s) "
-                             "RETURNING id", conv, a, "by sql %d" % i))
+        acked.append(sql_message(conn, conv, a, "by sql %d" % i))
     # the sockets stayed open through the restart
     for w in (wa, wb, notif):
         w.send({"type": "ping"})
@@ -215,9 +239,7 @@ def test_sql_writes_while_bus_reconnects_are_delivered(isolated):
     written = []
     for i in range(20):
         kill_parley_backends(conn)
-        written.append(sql_one(conn, "INSERT INTO messages (conversation_id, "
-                               "sender_id, content) VALUES (%s, %s, %s) "
-                               "RETURNING id", conv, a, "round %d" % i))
+        written.append(sql_message(conn, conv, a, "round %d" % i))
         # the workers are back before the next round
         iso.wait_ready()
         wait_for(lambda: sql_one(conn, "SELECT count(*) FROM "
@@ -251,10 +273,8 @@ def test_notifications_while_bus_reconnects_are_delivered(isolated):
     assert held == workers, held
 
     post = "SELECT parley_post_notification(%s, %s, '{}')::json->>'id'"
-    write = ("INSERT INTO messages (conversation_id, sender_id, content) "
-             "VALUES (%s, %s, %s) RETURNING id")
     old = int(sql_one(conn, post, b, "friend_request"))
-    sql_one(conn, write, conv, a, "one")
+    sql_message(conn, conv, a, "one")
     for w in socks:
         seen(w, lambda f: f["type"] == "friend_request" and f["id"] == old)
         seen(w, lambda f: f["type"] == "new_message" and f["count"] == 1)
@@ -262,7 +282,7 @@ def test_notifications_while_bus_reconnects_are_delivered(isolated):
     listening = iso.srv.output().count("bus: listening")
     with parley_cut_off(conn):
         new = int(sql_one(conn, post, b, "match"))
-        last = sql_one(conn, write, conv, a, "two")
+        last = sql_message(conn, conv, a, "two")
         sql_one(conn, "SELECT parley_read_notification(%s, %s)", b, old)
     unread = sql_one(conn, "SELECT count(*) FROM notifications WHERE "
                      "user_id = %s AND read_at IS NULL", b)
@@ -300,15 +320,13 @@ def test_read_receipts_while_bus_reconnects_are_delivered(isolated):
         held = {r[0] for r in sql_rows(conn, "SELECT split_part(node, '-', 1) "
                                        "FROM parley_sockets WHERE user_id = %s", a)}
     assert held == workers, held
-    write = ("INSERT INTO messages (conversation_id, sender_id, content) "
-             "VALUES (%s, %s, %s) RETURNING id")
-    first = sql_one(conn, write, conv, a, "one")
+    first = sql_message(conn, conv, a, "one")
     for w in socks:
         assert message_ids(w, 1) == [first]
 
     listening = iso.srv.output().count("bus: listening")
     with parley_cut_off(conn):
-        second = sql_one(conn, write, conv, a, "two")
+        second = sql_message(conn, conv, a, "two")
         sql_one(conn, "SELECT parley_mark_read(%s, %s, NULL)", conv, b)
     wait_for(lambda: iso.srv.output().count("bus: listening") >=
              listening + len(iso.pids), 30, 0.1, "every worker listening again")
@@ -368,21 +386,10 @@ def test_message_by_reference_is_fetched_again_after_a_failure(isolated):
     a, b = new_id(), new_id()
     conv = create_conversation(conn, [a, b])
     wb = iso.chat(conv, b, "Bob")
-    pool = [r[0] for r in sql_rows(
-        conn, "SELECT pid FROM pg_stat_activity WHERE application_name = "
-        "'parley' AND query NOT LIKE '%%LISTEN parley%%'")]
-    assert len(pool) == len(iso.pids), pool
-    write = ("INSERT INTO messages (conversation_id, sender_id, content) "
-             "VALUES (%s, %s, %s) RETURNING id")
-    for pid in pool:
-        os.kill(pid, signal.SIGSTOP)
-    try:
-        big = sql_one(conn, write, conv, a, "\u00e9" * 4000)    # 8,000 bytes
-        small = sql_one(conn, write, conv, a, "after it")
+    with pool_stopped(iso, conn):
+        big = sql_message(conn, conv, a, "\u00e9" * 4000)    # 8,000 bytes
+        small = sql_message(conn, conv, a, "after it")
         assert message_ids(wb, 2, timeout=45) == [big, small]
-    finally:
-        for pid in pool:
-            os.kill(pid, signal.SIGCONT)
     shown = [f["message"] for f in wb.frames if f["type"] == "message"]
     assert shown[0]["content"] == "\u00e9" * 4000
     iso.assert_workers_alive()
@@ -401,25 +408,14 @@ def test_bus_queue_past_its_bound_is_caught_up_from_the_database(isolated):
     wb = iso.chat(conv, b, "Bob")
     wn = iso.ws("/ws/notifications/", make_token(c, "Cy"))
     assert wn.recv()["type"] == "ready"
-    pool = [r[0] for r in sql_rows(
-        conn, "SELECT pid FROM pg_stat_activity WHERE application_name = "
-        "'parley' AND query NOT LIKE '%%LISTEN parley%%'")]
-    assert len(pool) == len(iso.pids), pool
-    write = ("INSERT INTO messages (conversation_id, sender_id, content) "
-             "VALUES (%s, %s, %s) RETURNING id")
-    for pid in pool:
-        os.kill(pid, signal.SIGSTOP)
-    try:
+    with pool_stopped(iso, conn):
         # the fetch of `big` waits on the stopped pool; 300 notes queue
         # behind it (messages, and c's collapsed notification updates)
-        big = sql_one(conn, write, conv, a, "\u00e9" * 4000)
-        ids = [big] + [sql_one(conn, write, conv, a, "m%d" % i)
+        big = sql_message(conn, conv, a, "\u00e9" * 4000)
+        ids = [big] + [sql_message(conn, conv, a, "m%d" % i)
                        for i in range(150)]
         wait_for(lambda: iso.srv.output().count("notes queued, dropping")
                  >= len(iso.pids), 20, 0.1, "every worker's queue dropped")
-    finally:
-        for pid in pool:
-            os.kill(pid, signal.SIGCONT)
     assert message_ids(wb, len(ids), timeout=60) == ids
     # the notification socket sees the latest state: c's one unread
     # new_message notification standing for all 151 messages
