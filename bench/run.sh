@@ -208,12 +208,14 @@ params() {
 	    "server_binary=$BIN" "$@" <<'EOF'
 import json, sys
 d = {}
-for a in sys.argv[2:]:
+for i, a in enumerate(sys.argv[2:]):
     k, v = a.split("=", 1)
-    try:
-        v = json.loads(v)
-    except ValueError:
-        pass
+    # The first three are text (a commit such as 32636e6 reads as a number).
+    if i >= 3:
+        try:
+            v = json.loads(v)
+        except ValueError:
+            pass
     d[k] = v
 json.dump(d, open(sys.argv[1], "w"))
 EOF
