@@ -198,6 +198,7 @@ bus_overflow(void)
 
 	kore_log(LOG_NOTICE, "bus: %d notes queued, dropping them to catch "
 	    "up from the database", bus_queued);
+	metrics_bus_overflow();
 
 	while ((note = TAILQ_FIRST(&bus_queue)) != NULL) {
 		TAILQ_REMOVE(&bus_queue, note, list);

@@ -46,6 +46,7 @@ struct metrics_slot {
 	u_int64_t	messages_stored;
 	u_int64_t	frames_sent;
 	u_int64_t	db_errors;
+	u_int64_t	bus_overflows;
 	u_int64_t	rejected[METRICS_REJECT_MAX];
 	u_int64_t	latency[METRICS_LATENCY_BUCKETS];
 	u_int64_t	latency_count;
@@ -138,6 +139,12 @@ metrics_db_error(void)
 }
 
 void
+metrics_bus_overflow(void)
+{
+	metrics_mine()->bus_overflows++;
+}
+
+void
 metrics_rejected(int reason)
 {
 	metrics_mine()->rejected[reason]++;
@@ -178,6 +185,7 @@ metrics_render(struct kore_buf *buf)
 		sum.messages_stored += metrics_slots[s].messages_stored;
 		sum.frames_sent += metrics_slots[s].frames_sent;
 		sum.db_errors += metrics_slots[s].db_errors;
+		sum.bus_overflows += metrics_slots[s].bus_overflows;
 		sum.latency_count += metrics_slots[s].latency_count;
 		sum.latency_sum_us += metrics_slots[s].latency_sum_us;
 	}
@@ -197,6 +205,9 @@ metrics_render(struct kore_buf *buf)
 	kore_buf_appendf(buf, "# TYPE parley_db_errors_total counter\n"
 	    "parley_db_errors_total %llu\n",
 	    (unsigned long long)sum.db_errors);
+	kore_buf_appendf(buf, "# TYPE parley_bus_overflows_total counter\n"
+	    "parley_bus_overflows_total %llu\n",
+	    (unsigned long long)sum.bus_overflows);
 
 	kore_buf_appendf(buf,
 	    "# TYPE parley_handshakes_rejected_total counter\n");

@@ -342,6 +342,7 @@ int	metrics_socket_share(void);
 void	metrics_message_stored(void);
 void	metrics_frames_sent(u_int64_t);
 void	metrics_db_error(void);
+void	metrics_bus_overflow(void);
 void	metrics_rejected(int);
 void	metrics_send_latency(u_int64_t);
 void	metrics_render(struct kore_buf *);

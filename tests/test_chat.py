@@ -1627,12 +1627,13 @@ def test_metrics(make_server, conn, sockets):
     assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
     for name in ("parley_sockets_open", "parley_messages_stored_total",
                  "parley_frames_sent_total", "parley_send_latency_seconds",
-                 "parley_db_errors_total",
+                 "parley_db_errors_total", "parley_bus_overflows_total",
                  "parley_handshakes_rejected_total"):
         assert "# TYPE %s " % name in r.text, name
     before = metrics(srv)
     assert 'parley_sockets_open{kind="chat"}' in before
     assert "parley_send_latency_seconds_count" in before
+    assert before["parley_bus_overflows_total"] == 0
     assert 'parley_send_latency_seconds_bucket{le="+Inf"}' in before
 
     a, b = new_id(), new_id()

@@ -17,8 +17,8 @@ import time
 import requests
 
 from helpers import (api, create_conversation, kill_parley_backends,
-                     make_token, message_ids, new_id, parley_cut_off, sql_one,
-                     sql_rows, wait_for)
+                     make_token, message_ids, metrics, new_id, parley_cut_off,
+                     sql_one, sql_rows, wait_for)
 
 
 # ---------------------------------------------------------------------------
@@ -417,6 +417,7 @@ def test_bus_queue_past_its_bound_is_caught_up_from_the_database(isolated):
         wait_for(lambda: iso.srv.output().count("notes queued, dropping")
                  >= len(iso.pids), 20, 0.1, "every worker's queue dropped")
     assert message_ids(wb, len(ids), timeout=60) == ids
+    assert metrics(iso.srv)["parley_bus_overflows_total"] >= len(iso.pids)
     # the notification socket sees the latest state: c's one unread
     # new_message notification standing for all 151 messages
     wn.recv_until(lambda f: f["type"] == "new_message" and
