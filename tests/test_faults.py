@@ -409,8 +409,8 @@ def test_bus_queue_past_its_bound_is_caught_up_from_the_database(isolated):
     wn = iso.ws("/ws/notifications/", make_token(c, "Cy"))
     assert wn.recv()["type"] == "ready"
     with pool_stopped(iso, conn):
-        # the fetch of `big` waits on the stopped pool; 300 notes queue
-        # behind it (messages, and c's collapsed notification updates)
+        # the fetch of `big` waits on the stopped pool; hundreds of notes
+        # queue behind it (the messages, the collapsed notifications' updates)
         big = sql_message(conn, conv, a, "\u00e9" * 4000)
         ids = [big] + [sql_message(conn, conv, a, "m%d" % i)
                        for i in range(150)]
