@@ -27,6 +27,11 @@
  *
  * A send is acknowledged only after its batch committed. A socket has one
  * send in flight at a time, so its sends keep their order.
+ *
+ * Closes have nobody to answer, and one that never reached the registry
+ * would leave its user online (and counted against the socket cap) for as
+ * long as the worker lives: a failed close batch waits and goes again,
+ * backing off, until the database takes it (closing twice is harmless).
  */
 
 #include <sys/types.h>
@@ -67,6 +72,8 @@ struct batcher {
 	int			close_orphans;
 	struct batch_list	pending;
 	struct batch		*inflight;
+	int			waiting;
+	u_int64_t		backoff;
 };
 
 static struct batch_item	*batch_item_new(struct batcher *,
@@ -74,12 +81,14 @@ static struct batch_item	*batch_item_new(struct batcher *,
 static void	batch_queue(struct batch_item *);
 static void	batch_flush(struct batcher *);
 static void	batch_done(struct db_result *, void *);
+static void	batch_again(struct batch *);
+static void	batch_again_flush(void *, u_int64_t);
 
 static struct batcher	batch_sends = {
 	"SELECT idx, status, body, code, message "
 	"FROM parley_post_messages($1::jsonb)",
 	BATCH_MAX, chat_sent, 0, TAILQ_HEAD_INITIALIZER(batch_sends.pending),
-	NULL
+	NULL, 0, 0
 };
 
 /*
@@ -90,12 +99,14 @@ static struct batcher	batch_sends = {
 static struct batcher	batch_opens = {
 	"SELECT idx, status, body, code, message "
 	"FROM parley_sockets_open($1::jsonb)",
-	64, ws_opened, 1, TAILQ_HEAD_INITIALIZER(batch_opens.pending), NULL
+	64, ws_opened, 1, TAILQ_HEAD_INITIALIZER(batch_opens.pending), NULL,
+	0, 0
 };
 
 static struct batcher	batch_closes = {
 	"SELECT parley_sockets_close($1::jsonb)",
-	BATCH_MAX, NULL, 0, TAILQ_HEAD_INITIALIZER(batch_closes.pending), NULL
+	BATCH_MAX, NULL, 0, TAILQ_HEAD_INITIALIZER(batch_closes.pending), NULL,
+	0, 0
 };
 
 /* Queue a validated send of session s; its answer goes to chat_sent(). */
@@ -204,7 +215,7 @@ static void
 batch_queue(struct batch_item *item)
 {
 	TAILQ_INSERT_TAIL(&item->owner->pending, item, list);
-	if (item->owner->inflight == NULL)
+	if (item->owner->inflight == NULL && !item->owner->waiting)
 		batch_flush(item->owner);
 }
 
@@ -251,6 +262,14 @@ batch_done(struct db_result *r, void *arg)
 	int64_t			idx, status;
 	int			i, n;
 
+	if (owner->answer == NULL) {
+		if (!r->ok) {
+			batch_again(b);
+			return;
+		}
+		owner->backoff = 0;
+	}
+
 	n = r->ok && owner->answer != NULL ? PQntuples(r->res) : 0;
 	for (i = 0; i < n; i++) {
 		if (!util_parse_int64(PQgetvalue(r->res, i, 0), 0,
@@ -290,5 +309,32 @@ batch_done(struct db_result *r, void *arg)
 
 	kore_free(b);
 	owner->inflight = NULL;
+	batch_flush(owner);
+}
+
+/* A batch nobody waits for failed: back to the front of the line, later. */
+static void
+batch_again(struct batch *b)
+{
+	struct batcher		*owner = b->owner;
+	int			i;
+
+	for (i = b->count - 1; i >= 0; i--)
+		TAILQ_INSERT_HEAD(&owner->pending, b->items[i], list);
+	kore_free(b);
+
+	owner->inflight = NULL;
+	owner->waiting = 1;
+	util_backoff(&owner->backoff);
+	(void)kore_timer_add(batch_again_flush, owner->backoff, owner,
+	    KORE_TIMER_ONESHOT);
+}
+
+static void
+batch_again_flush(void *arg, u_int64_t now)
+{
+	struct batcher		*owner = arg;
+
+	owner->waiting = 0;
 	batch_flush(owner);
 }

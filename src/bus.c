@@ -49,8 +49,6 @@
 #define BUS_CATCHUP_MESSAGES		1
 #define BUS_CATCHUP_RECEIPTS		2
 #define BUS_CATCHUP_NOTIFICATIONS	3
-#define BUS_RETRY_MIN		100
-#define BUS_RETRY_MAX		5000
 
 struct bus_note {
 	TAILQ_ENTRY(bus_note)	list;
@@ -95,7 +93,6 @@ static void	bus_overflow(void);
 static void	bus_fetch(struct bus_parsed *);
 static void	bus_fetch_query(void *, u_int64_t);
 static void	bus_fetched(struct db_result *, void *);
-static void	bus_backoff(u_int64_t *);
 static void	bus_catchup_start(int, int64_t, int64_t, const char *);
 static void	bus_catchup_user(const char *, void *);
 static void	bus_catchup_users(struct bus_users *);
@@ -294,7 +291,7 @@ bus_fetched(struct db_result *r, void *unused)
 	struct bus_parsed	*p = &bus_fetching;
 
 	if (!r->ok) {
-		bus_backoff(&bus_fetch_backoff);
+		util_backoff(&bus_fetch_backoff);
 		(void)kore_timer_add(bus_fetch_query, bus_fetch_backoff, NULL,
 		    KORE_TIMER_ONESHOT);
 		return;
@@ -313,14 +310,6 @@ bus_fetched(struct db_result *r, void *unused)
 
 	bus_paused--;
 	bus_drain();
-}
-
-static void
-bus_backoff(u_int64_t *backoff)
-{
-	*backoff = *backoff ? *backoff * 2 : BUS_RETRY_MIN;
-	if (*backoff > BUS_RETRY_MAX)
-		*backoff = BUS_RETRY_MAX;
 }
 
 static void
@@ -423,7 +412,7 @@ bus_catchup_done(struct db_result *r, void *arg)
 	struct bus_catchup	*cu = arg;
 
 	if (!r->ok) {
-		bus_backoff(&cu->backoff);
+		util_backoff(&cu->backoff);
 		(void)kore_timer_add(bus_catchup_retry, cu->backoff, cu,
 		    KORE_TIMER_ONESHOT);
 		return;

@@ -101,6 +101,15 @@ util_now(void)
 	return ((int64_t)time(NULL));
 }
 
+/* The next wait before trying again: 0.1 s, doubling up to 5 s. */
+void
+util_backoff(u_int64_t *ms)
+{
+	*ms = *ms ? *ms * 2 : UTIL_BACKOFF_MIN;
+	if (*ms > UTIL_BACKOFF_MAX)
+		*ms = UTIL_BACKOFF_MAX;
+}
+
 static int
 util_hexval(int c)
 {

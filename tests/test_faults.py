@@ -426,6 +426,32 @@ def test_bus_queue_past_its_bound_is_caught_up_from_the_database(isolated):
     iso.assert_workers_alive()
 
 
+def test_socket_closed_while_cut_off_leaves_the_registry_later(isolated):
+    """A socket closed while its worker cannot reach the database: the close
+    is written once it can (retried with backoff), so its user does not stay
+    online, nor count against the socket cap, for as long as the worker
+    lives."""
+    iso = isolated()
+    conn = iso.connect()
+    a, c = new_id(), new_id()
+    conv = create_conversation(conn, [a, c])
+    iso.chat(conv, a, "Ann")
+    wc = iso.chat(conv, c, "Cy")
+    registered = ("SELECT count(*) FROM parley_sockets WHERE user_id = %s "
+                  "AND conversation_id = %s")
+    assert sql_one(conn, registered, c, conv) == 1
+    with parley_cut_off(conn):
+        wc.close()
+        time.sleep(1.5)         # the close is tried, and fails, meanwhile
+        assert sql_one(conn, registered, c, conv) == 1
+    wait_for(lambda: sql_one(conn, registered, c, conv) == 0, 30, 0.1,
+             "the close written once the database is back")
+    w = iso.ws("/ws/chat/%d/" % conv, make_token(a, "Ann"))
+    ready = w.recv()
+    assert ready["type"] == "ready" and ready["online"] == [a], ready
+    iso.assert_workers_alive()
+
+
 def test_database_stopped_then_started(isolated):
     iso = isolated()
     conn = iso.connect()
