@@ -712,7 +712,18 @@ begin
 end
 $$;
 
--- Presence to the conversation's sockets, excluding the user's own.
+-- The presence event; the only place that builds it.
+create or replace function parley_presence_json(p_conversation bigint, p_user text,
+                                                p_status text)
+returns text
+language sql immutable
+as $$
+    select json_build_object('type', 'presence', 'conversation_id', p_conversation,
+                             'user_id', p_user, 'status', p_status)::text
+$$;
+
+-- Presence to the conversation's sockets, excluding the user's own; the
+-- change is remembered for a bus catch-up (parley_presence, 005_sockets.sql).
 create or replace function parley_emit_presence(p_conversation bigint, p_user text,
                                                 p_status text)
 returns void
@@ -723,9 +734,12 @@ begin
     if p_status is null or p_status not in ('online', 'offline') then
         perform parley_fail(400, 'invalid_payload', 'presence is online or offline');
     end if;
+    insert into parley_presence (conversation_id, user_id, changed_at)
+    values (p_conversation, p_user, clock_timestamp())
+    on conflict (conversation_id, user_id)
+    do update set changed_at = excluded.changed_at;
     perform parley_emit('e', 0, p_conversation, p_user,
-        json_build_object('type', 'presence', 'conversation_id', p_conversation,
-                          'user_id', p_user, 'status', p_status)::text);
+        parley_presence_json(p_conversation, p_user, p_status));
 end
 $$;
 

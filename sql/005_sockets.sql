@@ -26,6 +26,17 @@ create unlogged table parley_sockets (
     primary key (socket_id, node)
 );
 
+-- When each user's presence in each conversation last changed (one row per
+-- pair, written by parley_emit_presence): what a worker whose LISTEN
+-- connection was down replays (parley_conversation_catchup). Apart from
+-- participants, so that no send waits on a socket being opened or closed.
+create unlogged table parley_presence (
+    conversation_id bigint not null,
+    user_id         text not null,
+    changed_at      timestamptz not null,
+    primary key (conversation_id, user_id)
+);
+
 -- With node: a user's lookup (user_id, node = any (live nodes)) is then all
 -- index conditions, and no plan reads a node's sockets to find a user's.
 create index parley_sockets_user on parley_sockets (user_id, node);
@@ -307,22 +318,38 @@ as $$
      limit p_limit
 $$;
 
--- The read receipts of a conversation since p_since (minus the same slack as
--- parley_notification_catchup below), one per reader at their current
--- position: what its sockets may have missed while the worker's LISTEN
--- connection was down, sent after the messages' catch-up.
-create or replace function parley_receipt_catchup(p_conversation bigint,
-                                                  p_since timestamptz)
-returns table (frame text)
+-- What a conversation's sockets may have missed while the worker's LISTEN
+-- connection was down, besides messages (sent after the messages' catch-up):
+-- the read receipt of each reader whose position moved since p_since (minus
+-- the same slack as parley_notification_catchup below), at their current
+-- position, then the presence of each user whose presence changed since
+-- then, as it is now (skip_user: the user whose own sockets skip it, as
+-- live presence does).
+create or replace function parley_conversation_catchup(p_conversation bigint,
+                                                       p_since timestamptz)
+returns table (skip_user text, frame text)
 language sql stable
 set search_path from current
+set enable_seqscan = off
+set jit = off
 as $$
-    select parley_read_receipt_json(p.conversation_id, p.user_id,
-                                    p.last_read_message_id, p.last_read_at)
-      from participants p
-     where p.conversation_id = p_conversation
-       and p.last_read_at > p_since - interval '10 seconds'
-     order by p.last_read_at
+    select skip_user, frame from (
+        select 1 as part, p.last_read_at as at, null::text as skip_user,
+               parley_read_receipt_json(p.conversation_id, p.user_id,
+                                        p.last_read_message_id,
+                                        p.last_read_at) as frame
+          from participants p
+         where p.conversation_id = p_conversation
+           and p.last_read_at > p_since - interval '10 seconds'
+        union all
+        select 2, r.changed_at, r.user_id,
+               parley_presence_json(r.conversation_id, r.user_id,
+                   case when parley_user_online(r.conversation_id, r.user_id)
+                        then 'online' else 'offline' end)
+          from parley_presence r
+         where r.conversation_id = p_conversation
+           and r.changed_at > p_since - interval '10 seconds') e
+     order by part, at
 $$;
 
 -- What a worker's notification sockets may have missed while its LISTEN

@@ -23,9 +23,10 @@
  * what arrives meanwhile: a frame sent by reference (too big for NOTIFY)
  * being fetched, and the catch-up after the LISTEN connection came back,
  * which replays to each conversation what its sockets missed while it was
- * down (messages, then read receipts), and to each user with notification
- * sockets the notifications stored, collapsed or read since the connection
- * was last known alive, so a database restart loses nothing.
+ * down (messages, then read receipts and presence), and to each user
+ * with notification sockets the notifications stored, collapsed or read
+ * since the connection was last known alive, so a database restart loses
+ * nothing.
  *
  * The queue is bounded (PARLEY_BUS_QUEUE_MAX notes): past that, what it
  * holds is dropped and the LISTEN connection made again, and the catch-up
@@ -47,7 +48,7 @@
 #define BUS_TIME_MAX		64
 
 #define BUS_CATCHUP_MESSAGES		1
-#define BUS_CATCHUP_RECEIPTS		2
+#define BUS_CATCHUP_STATE		2
 #define BUS_CATCHUP_NOTIFICATIONS	3
 
 struct bus_note {
@@ -100,7 +101,7 @@ static void	bus_catchup_query(struct bus_catchup *);
 static void	bus_catchup_retry(void *, u_int64_t);
 static void	bus_catchup_done(struct db_result *, void *);
 static void	bus_catchup_messages(struct bus_catchup *, PGresult *);
-static void	bus_catchup_receipts(struct bus_catchup *, PGresult *);
+static void	bus_catchup_state(struct bus_catchup *, PGresult *);
 static void	bus_catchup_notifications(PGresult *);
 
 static TAILQ_HEAD(, bus_note)	bus_queue = TAILQ_HEAD_INITIALIZER(bus_queue);
@@ -377,11 +378,12 @@ bus_catchup_query(struct bus_catchup *cu)
 		    "parley_notification_catchup($1, $2)", 2, params,
 		    bus_catchup_done, cu);
 		return;
-	case BUS_CATCHUP_RECEIPTS:
+	case BUS_CATCHUP_STATE:
 		params[0] = conv;
 		params[1] = cu->since;
-		(void)db_query("SELECT frame FROM parley_receipt_catchup($1, $2)",
-		    2, params, bus_catchup_done, cu);
+		(void)db_query("SELECT skip_user, frame FROM "
+		    "parley_conversation_catchup($1, $2)", 2, params,
+		    bus_catchup_done, cu);
 		return;
 	}
 
@@ -424,8 +426,8 @@ bus_catchup_done(struct db_result *r, void *arg)
 	case BUS_CATCHUP_MESSAGES:
 		bus_catchup_messages(cu, r->res);
 		break;
-	case BUS_CATCHUP_RECEIPTS:
-		bus_catchup_receipts(cu, r->res);
+	case BUS_CATCHUP_STATE:
+		bus_catchup_state(cu, r->res);
 		break;
 	case BUS_CATCHUP_NOTIFICATIONS:
 		bus_catchup_notifications(r->res);
@@ -461,19 +463,21 @@ bus_catchup_messages(struct bus_catchup *cu, PGresult *res)
 		bus_catchup_start(BUS_CATCHUP_MESSAGES, cu->conversation_id, id,
 		    cu->since);
 	} else if (cu->since[0] != '\0') {
-		bus_catchup_start(BUS_CATCHUP_RECEIPTS, cu->conversation_id, 0,
+		bus_catchup_start(BUS_CATCHUP_STATE, cu->conversation_id, 0,
 		    cu->since);
 	}
 }
 
+/* Read receipts to every socket; presence to all but the user's own. */
 static void
-bus_catchup_receipts(struct bus_catchup *cu, PGresult *res)
+bus_catchup_state(struct bus_catchup *cu, PGresult *res)
 {
 	int		i;
 
 	for (i = 0; i < PQntuples(res); i++) {
-		hub_conversation(cu->conversation_id, 0, NULL, 0,
-		    PQgetvalue(res, i, 0), PQgetlength(res, i, 0));
+		hub_conversation(cu->conversation_id, 0, PQgetvalue(res, i, 0),
+		    PQgetlength(res, i, 0), PQgetvalue(res, i, 1),
+		    PQgetlength(res, i, 1));
 	}
 }
 

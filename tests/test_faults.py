@@ -343,6 +343,53 @@ def test_read_receipts_while_bus_reconnects_are_delivered(isolated):
     iso.assert_workers_alive()
 
 
+def test_presence_while_bus_reconnects_is_delivered(isolated):
+    """A user who goes offline (here: the socket of another instance's node,
+    written with SQL) while the workers' LISTEN is down: the other
+    participant's sockets, on both workers, get a presence with the status
+    now, after the messages' catch-up."""
+    iso = isolated()
+    conn = iso.connect()
+    a, c = new_id(), new_id()
+    conv = create_conversation(conn, [a, c])
+    workers = {str(p) for p in iso.pids}
+    socks, held = [], set()
+    while held != workers and len(socks) < 40:
+        socks.append(iso.chat(conv, a, "Ann"))
+        time.sleep(0.05)
+        held = {r[0] for r in sql_rows(conn, "SELECT split_part(node, '-', 1) "
+                                       "FROM parley_sockets WHERE user_id = %s", a)}
+    assert held == workers, held
+    sql_one(conn, "SELECT parley_node_alive('elsewhere')")
+    sql_one(conn, "SELECT parley_chat_open('elsewhere', 1, %s, %s, 'Cy', 32)",
+            conv, c)
+    for w in socks:
+        seen(w, lambda f: f["type"] == "presence" and f["user_id"] == c and
+             f["status"] == "online")
+
+    listening = iso.srv.output().count("bus: listening")
+    with parley_cut_off(conn):
+        sql_one(conn, "SELECT parley_node_alive('elsewhere')")
+        last = sql_message(conn, conv, a, "while c leaves")
+        sql_one(conn, """SELECT parley_sockets_close('[{"n":"elsewhere","s":1}]')""")
+    wait_for(lambda: iso.srv.output().count("bus: listening") >=
+             listening + len(iso.pids), 30, 0.1, "every worker listening again")
+
+    for w in socks:
+        gone = seen(w, lambda f: f["type"] == "presence" and
+                    f["user_id"] == c and f["status"] == "offline")
+        assert gone == {"type": "presence", "conversation_id": conv,
+                        "user_id": c, "status": "offline"}, gone
+        kinds = [(f["type"], f.get("status")) for f in w.frames
+                 if f["type"] in ("message", "presence")]
+        # after the message written in the same window
+        assert kinds.index(("message", None)) < \
+            kinds.index(("presence", "offline")), kinds
+        assert [f["message"]["id"] for f in w.frames
+                if f["type"] == "message"][-1] == last
+    iso.assert_workers_alive()
+
+
 def test_listen_connection_that_stops_answering_is_replaced(isolated):
     """A LISTEN connection whose backend stops answering (stopped with
     SIGSTOP, as a network that silently drops packets would look) is
