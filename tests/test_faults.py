@@ -98,6 +98,21 @@ def pool_stopped(iso, conn):
             os.kill(pid, signal.SIGCONT)
 
 
+def on_every_worker(iso, conn, user, open_socket):
+    """Sockets of user, opened with open_socket() until every worker holds
+    one (Kore hands each new connection to one worker or the other)."""
+    workers = {str(p) for p in iso.pids}
+    socks, held = [], set()
+    while held != workers and len(socks) < 40:
+        socks.append(open_socket())
+        time.sleep(0.05)
+        held = {r[0] for r in sql_rows(conn, "SELECT split_part(node, '-', 1) "
+                                       "FROM parley_sockets WHERE user_id = %s",
+                                       user)}
+    assert held == workers, held
+    return socks
+
+
 def stored(conn, conv):
     return sql_rows(conn, "SELECT client_id, id FROM messages WHERE "
                     "conversation_id = %s ORDER BY id", conv)
@@ -262,15 +277,12 @@ def test_notifications_while_bus_reconnects_are_delivered(isolated):
     conn = iso.connect()
     a, b = new_id(), new_id()
     conv = create_conversation(conn, [a, b])
-    workers = {str(p) for p in iso.pids}
-    socks, held = [], set()
-    while held != workers and len(socks) < 40:
-        socks.append(iso.ws("/ws/notifications/", make_token(b, "Bob")))
-        assert socks[-1].recv()["type"] == "ready"
-        time.sleep(0.05)
-        held = {r[0] for r in sql_rows(conn, "SELECT split_part(node, '-', 1) "
-                                       "FROM parley_sockets WHERE user_id = %s", b)}
-    assert held == workers, held
+    def notification_socket():
+        w = iso.ws("/ws/notifications/", make_token(b, "Bob"))
+        assert w.recv()["type"] == "ready"
+        return w
+
+    socks = on_every_worker(iso, conn, b, notification_socket)
 
     post = "SELECT parley_post_notification(%s, %s, '{}')::json->>'id'"
     old = int(sql_one(conn, post, b, "friend_request"))
@@ -312,14 +324,7 @@ def test_read_receipts_while_bus_reconnects_are_delivered(isolated):
     conn = iso.connect()
     a, b = new_id(), new_id()
     conv = create_conversation(conn, [a, b])
-    workers = {str(p) for p in iso.pids}
-    socks, held = [], set()
-    while held != workers and len(socks) < 40:
-        socks.append(iso.chat(conv, a, "Ann"))
-        time.sleep(0.05)
-        held = {r[0] for r in sql_rows(conn, "SELECT split_part(node, '-', 1) "
-                                       "FROM parley_sockets WHERE user_id = %s", a)}
-    assert held == workers, held
+    socks = on_every_worker(iso, conn, a, lambda: iso.chat(conv, a, "Ann"))
     first = sql_message(conn, conv, a, "one")
     for w in socks:
         assert message_ids(w, 1) == [first]
@@ -352,14 +357,7 @@ def test_presence_while_bus_reconnects_is_delivered(isolated):
     conn = iso.connect()
     a, c = new_id(), new_id()
     conv = create_conversation(conn, [a, c])
-    workers = {str(p) for p in iso.pids}
-    socks, held = [], set()
-    while held != workers and len(socks) < 40:
-        socks.append(iso.chat(conv, a, "Ann"))
-        time.sleep(0.05)
-        held = {r[0] for r in sql_rows(conn, "SELECT split_part(node, '-', 1) "
-                                       "FROM parley_sockets WHERE user_id = %s", a)}
-    assert held == workers, held
+    socks = on_every_worker(iso, conn, a, lambda: iso.chat(conv, a, "Ann"))
     sql_one(conn, "SELECT parley_node_alive('elsewhere')")
     sql_one(conn, "SELECT parley_chat_open('elsewhere', 1, %s, %s, 'Cy', 32)",
             conv, c)
