@@ -68,7 +68,7 @@ struct batcher {
 	int			max;
 	void			(*answer)(struct session *, int, const char *,
 				    const char *, const char *);
-	/* The socket's session went away before its open was answered. */
+	/* Registers sockets: one registered for nothing is closed again. */
 	int			close_orphans;
 	struct batch_list	pending;
 	struct batch		*inflight;
@@ -94,7 +94,8 @@ static struct batcher	batch_sends = {
 /*
  * Opens run in a subtransaction each: PostgreSQL caches 64 per backend. A
  * socket that closed while its open was in flight is registered all the
- * same: it is taken out again.
+ * same: it is taken out again, as is one whose open was lost with its
+ * connection after it reached the database.
  */
 static struct batcher	batch_opens = {
 	"SELECT idx, status, body, code, message "
@@ -294,9 +295,15 @@ batch_done(struct db_result *r, void *arg)
 		}
 	}
 
-	/* Whatever got no row (the whole call failed) gets the error. */
+	/*
+	 * Whatever got no row (the whole call failed) gets the error. An open
+	 * whose answer was lost with the connection may have committed: it is
+	 * taken out again, since its socket is refused.
+	 */
 	for (i = 0; i < b->count; i++) {
 		item = b->items[i];
+		if (r->unknown && owner->close_orphans)
+			batch_close(item->socket_id, 0);
 		if ((s = item->session) != NULL) {
 			s->batch_item = NULL;
 			owner->answer(s, r->ok ? HTTP_STATUS_INTERNAL_ERROR :

@@ -71,6 +71,7 @@ struct db_query {
 	db_cb			cb;
 	void			*arg;
 	u_int64_t		started;
+	int			sent;
 };
 
 struct db_conn {
@@ -533,6 +534,7 @@ db_conn_send(struct db_conn *conn)
 		return;
 	}
 
+	q->sent = !conn->preparing;
 	db_conn_flush(conn, 0);
 }
 
@@ -711,6 +713,7 @@ db_query_finish(struct db_query *q, PGresult *res, const char *why)
 	r.res = res;
 
 	if (res == NULL) {
+		r.unknown = q->sent;
 		r.status = HTTP_STATUS_SERVICE_UNAVAILABLE;
 		r.code = "unavailable";
 		r.message = why;

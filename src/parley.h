@@ -89,6 +89,8 @@ struct db_query;
 struct db_result {
 	PGresult	*res;
 	int		ok;
+	/* The connection was lost after the query went: it may have run. */
+	int		unknown;
 	int		status;
 	const char	*code;
 	const char	*message;

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
 
@@ -406,14 +407,89 @@ def message_ids(ws, n, timeout=20):
     return ids()
 
 
+class PgProxy:
+    """A TCP relay between the server and its cluster, which can lose an
+    answer the way a broken network does: the database has done the work,
+    the server never hears of it."""
+
+    def __init__(self, target_port):
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.lock = threading.Lock()
+        self.trigger = None
+        self.cut = threading.Event()
+        self.socks = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, pg):
+        return pg.url.replace(":%d/" % pg.port, ":%d/" % self.port)
+
+    def lose_answer_to(self, needle):
+        """The connection that next sends bytes containing needle is closed
+        as soon as the database answers them, and the answer dropped."""
+        with self.lock:
+            self.trigger = needle
+            self.cut.clear()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+                server = socket.create_connection(("127.0.0.1",
+                                                   self.target_port))
+            except OSError:
+                return
+            doomed = threading.Event()
+            with self.lock:
+                self.socks += [client, server]
+            threading.Thread(target=self._pump, daemon=True,
+                             args=(client, server, doomed, True)).start()
+            threading.Thread(target=self._pump, daemon=True,
+                             args=(server, client, doomed, False)).start()
+
+    def _pump(self, src, dst, doomed, upstream):
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if upstream:
+                    with self.lock:
+                        if self.trigger is not None and self.trigger in data:
+                            self.trigger = None
+                            doomed.set()
+                elif doomed.is_set():
+                    self.cut.set()
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        for sock in (src, dst):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self):
+        self.listener.close()
+        with self.lock:
+            for sock in self.socks:
+                sock.close()
+
+
 class Isolated:
     """A cluster of its own and a two-worker server on it, for tests that
-    stop the database or kill its backends (the `isolated` fixture)."""
+    stop the database or kill its backends (the `isolated` fixture). With
+    proxy=True the server reaches the cluster through a PgProxy."""
 
-    def __init__(self, binary, **env):
+    def __init__(self, binary, proxy=False, **env):
         self.pg = PgCluster()
+        self.proxy = PgProxy(self.pg.port) if proxy else None
         base = {"PARLEY_LISTEN": "127.0.0.1:%d" % free_port(),
-                "PARLEY_WORKERS": "2", "PARLEY_DATABASE_URL": self.pg.url,
+                "PARLEY_WORKERS": "2",
+                "PARLEY_DATABASE_URL":
+                    self.proxy.url(self.pg) if proxy else self.pg.url,
                 "PARLEY_JWT_SECRET": SECRET}
         base.update(env)
         self.srv = Server(binary, base)
@@ -471,6 +547,8 @@ class Isolated:
             except Exception:
                 pass
         self.srv.destroy()
+        if self.proxy is not None:
+            self.proxy.close()
         self.pg.destroy()
 
 

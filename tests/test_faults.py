@@ -499,6 +499,32 @@ def test_socket_closed_while_cut_off_leaves_the_registry_later(isolated):
     iso.assert_workers_alive()
 
 
+def test_open_whose_answer_was_lost_is_taken_out_again(isolated):
+    """The connection carrying a socket's registration is lost after the
+    database committed it: the socket is refused (try again), so the
+    registration is taken out again; its user does not stay online."""
+    iso = isolated(proxy=True)
+    conn = iso.connect()
+    a, c = new_id(), new_id()
+    conv = create_conversation(conn, [a, c])
+    wa = iso.chat(conv, a, "Ann")
+    iso.proxy.lose_answer_to(b'"u":"%s"' % c.encode())
+    wc = iso.ws("/ws/chat/%d/" % conv, make_token(c, "Cy"))
+    assert wc.expect_close(timeout=20) == (1013, "try_again_later")
+    assert iso.proxy.cut.is_set()
+
+    def presence(status):
+        return lambda f: (f["type"] == "presence" and f["user_id"] == c
+                          and f["status"] == status)
+    seen(wa, presence("online"))        # the registration did commit
+    seen(wa, presence("offline"))
+    wait_for(lambda: sql_one(conn, "SELECT count(*) FROM parley_sockets "
+                             "WHERE user_id = %s", c) == 0, 15, 0.1,
+             "the lost registration taken out")
+    iso.chat(conv, c, "Cy")
+    iso.assert_workers_alive()
+
+
 def test_database_stopped_then_started(isolated):
     iso = isolated()
     conn = iso.connect()
