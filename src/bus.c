@@ -32,6 +32,10 @@
  * holds is dropped and the LISTEN connection made again, and the catch-up
  * that follows fetches from the database what was dropped, from when the
  * queue was last empty.
+ *
+ * A fetch or catch-up the database keeps refusing is given up rather than
+ * hold the bus paused for good: the sockets it was for are closed (1013),
+ * and their clients catch up themselves when they reconnect.
  */
 
 #include <sys/types.h>
@@ -46,6 +50,9 @@
 #define BUS_CATCHUP_LIMIT	500
 #define BUS_CATCHUP_USERS	500
 #define BUS_TIME_MAX		64
+
+/* Answers with an error (not a lost connection) before a query is given up. */
+#define BUS_REFUSALS_MAX	5
 
 #define BUS_CATCHUP_MESSAGES		1
 #define BUS_CATCHUP_STATE		2
@@ -69,6 +76,7 @@ struct bus_catchup {
 	char			*users;
 	char			since[BUS_TIME_MAX];
 	u_int64_t		backoff;
+	int			refusals;
 };
 
 struct bus_users {
@@ -94,12 +102,15 @@ static void	bus_overflow(void);
 static void	bus_fetch(struct bus_parsed *);
 static void	bus_fetch_query(void *, u_int64_t);
 static void	bus_fetched(struct db_result *, void *);
+static int	bus_try_again(struct db_result *, int *);
 static void	bus_catchup_start(int, int64_t, int64_t, const char *);
 static void	bus_catchup_user(const char *, void *);
 static void	bus_catchup_users(struct bus_users *);
 static void	bus_catchup_query(struct bus_catchup *);
 static void	bus_catchup_retry(void *, u_int64_t);
 static void	bus_catchup_done(struct db_result *, void *);
+static void	bus_catchup_abandon(struct bus_catchup *);
+static void	bus_users_close(const char *);
 static void	bus_catchup_messages(struct bus_catchup *, PGresult *);
 static void	bus_catchup_state(struct bus_catchup *, PGresult *);
 static void	bus_catchup_notifications(PGresult *);
@@ -112,6 +123,7 @@ static int			bus_catchups;
 static struct bus_parsed	bus_fetching;
 static char			bus_fetching_uid[PARLEY_USER_ID_MAX + 1];
 static u_int64_t		bus_fetch_backoff;
+static int			bus_fetch_refusals;
 static char			bus_alive_at[BUS_TIME_MAX];
 
 /* The LISTEN is in place: catch every socket up, then go live. */
@@ -265,6 +277,7 @@ bus_fetch(struct bus_parsed *p)
 	memcpy(bus_fetching_uid, p->uid, p->uid_len);
 	bus_fetching.uid = bus_fetching_uid;
 	bus_fetch_backoff = 0;
+	bus_fetch_refusals = 0;
 
 	bus_paused++;
 	bus_fetch_query(NULL, 0);
@@ -285,20 +298,30 @@ bus_fetch_query(void *unused, u_int64_t now)
 	    bus_fetched, NULL);
 }
 
-/* A failed fetch is retried like a catch-up: not lost, not overtaken. */
+/*
+ * A failed fetch is retried like a catch-up: not lost, not overtaken. One
+ * the database keeps refusing closes the sockets the frame was for.
+ */
 static void
 bus_fetched(struct db_result *r, void *unused)
 {
 	struct bus_parsed	*p = &bus_fetching;
 
-	if (!r->ok) {
+	if (!r->ok && bus_try_again(r, &bus_fetch_refusals)) {
 		util_backoff(&bus_fetch_backoff);
 		(void)kore_timer_add(bus_fetch_query, bus_fetch_backoff, NULL,
 		    KORE_TIMER_ONESHOT);
 		return;
 	}
 
-	if (PQntuples(r->res) == 1 && !PQgetisnull(r->res, 0, 0)) {
+	if (!r->ok) {
+		kore_log(LOG_NOTICE, "bus: %c %lld refused, closing its sockets",
+		    p->kind, (long long)p->seq);
+		if (p->kind == 'M')
+			hub_conversation_close(p->conv);
+		else
+			hub_user_close(p->uid, p->uid_len);
+	} else if (PQntuples(r->res) == 1 && !PQgetisnull(r->res, 0, 0)) {
 		p->kind = p->kind == 'M' ? 'm' : 'n';
 		p->json = PQgetvalue(r->res, 0, 0);
 		p->json_len = PQgetlength(r->res, 0, 0);
@@ -311,6 +334,18 @@ bus_fetched(struct db_result *r, void *unused)
 
 	bus_paused--;
 	bus_drain();
+}
+
+/*
+ * Whether a failed query is tried again: always while the database cannot
+ * be reached (it is coming back), BUS_REFUSALS_MAX times in all when it
+ * answers with an error (a statement timeout, a bug): the bus must not stay
+ * paused for good behind one query.
+ */
+static int
+bus_try_again(struct db_result *r, int *refusals)
+{
+	return (r->res == NULL || ++*refusals < BUS_REFUSALS_MAX);
 }
 
 static void
@@ -406,14 +441,15 @@ bus_catchup_retry(void *arg, u_int64_t now)
 /*
  * A failed catch-up (the pool is often still reconnecting when LISTEN is
  * back) is retried with backoff, and the bus stays paused until it
- * succeeds: live frames must not overtake what the sockets missed.
+ * succeeds, live frames must not overtake what the sockets missed, or is
+ * given up (bus_try_again).
  */
 static void
 bus_catchup_done(struct db_result *r, void *arg)
 {
 	struct bus_catchup	*cu = arg;
 
-	if (!r->ok) {
+	if (!r->ok && bus_try_again(r, &cu->refusals)) {
 		util_backoff(&cu->backoff);
 		(void)kore_timer_add(bus_catchup_retry, cu->backoff, cu,
 		    KORE_TIMER_ONESHOT);
@@ -422,21 +458,57 @@ bus_catchup_done(struct db_result *r, void *arg)
 
 	bus_catchups--;
 
-	switch (cu->kind) {
-	case BUS_CATCHUP_MESSAGES:
-		bus_catchup_messages(cu, r->res);
-		break;
-	case BUS_CATCHUP_STATE:
-		bus_catchup_state(cu, r->res);
-		break;
-	case BUS_CATCHUP_NOTIFICATIONS:
-		bus_catchup_notifications(r->res);
-		kore_free(cu->users);
-		break;
+	if (!r->ok) {
+		bus_catchup_abandon(cu);
+	} else {
+		switch (cu->kind) {
+		case BUS_CATCHUP_MESSAGES:
+			bus_catchup_messages(cu, r->res);
+			break;
+		case BUS_CATCHUP_STATE:
+			bus_catchup_state(cu, r->res);
+			break;
+		case BUS_CATCHUP_NOTIFICATIONS:
+			bus_catchup_notifications(r->res);
+			break;
+		}
 	}
 
+	kore_free(cu->users);
 	kore_free(cu);
 	bus_drain();
+}
+
+/* What the catch-up was for cannot be had: its sockets are closed. */
+static void
+bus_catchup_abandon(struct bus_catchup *cu)
+{
+	kore_log(LOG_NOTICE, "bus: catch-up refused, closing its sockets");
+
+	if (cu->kind == BUS_CATCHUP_NOTIFICATIONS)
+		bus_users_close(cu->users);
+	else
+		hub_conversation_close(cu->conversation_id);
+}
+
+/* users: the JSON array of ids the catch-up was for. */
+static void
+bus_users_close(const char *users)
+{
+	yajl_val	root, v;
+	size_t		i;
+
+	if ((root = json_parse(users, strlen(users))) == NULL)
+		return;
+
+	for (i = 0; YAJL_IS_ARRAY(root) && i < YAJL_GET_ARRAY(root)->len;
+	    i++) {
+		v = YAJL_GET_ARRAY(root)->values[i];
+		if (YAJL_IS_STRING(v))
+			hub_user_close(v->u.string, strlen(v->u.string));
+	}
+
+	yajl_tree_free(root);
 }
 
 /*

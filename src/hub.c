@@ -160,6 +160,42 @@ hub_user(const char *uid, size_t uid_len, const char *json, size_t len)
 	}
 }
 
+/*
+ * Close the sockets that missed events the bus could not get for them:
+ * their clients come back and catch up themselves (`after`, `ready`).
+ */
+void
+hub_conversation_close(int64_t conv_id)
+{
+	struct hub_conv		*conv;
+	struct session		*s, *next;
+
+	if ((conv = hub_conv_get(conv_id, 0)) == NULL)
+		return;
+
+	/* Each close unlinks its socket; the last one frees conv. */
+	for (s = TAILQ_FIRST(&conv->sessions); s != NULL; s = next) {
+		next = TAILQ_NEXT(s, conv_list);
+		ws_close(s, WS_CLOSE_TRY_AGAIN, "try_again_later");
+	}
+}
+
+void
+hub_user_close(const char *uid, size_t uid_len)
+{
+	struct hub_user		*user;
+	struct session		*s, *next;
+
+	if ((user = hub_user_get(uid, uid_len, 0)) == NULL)
+		return;
+
+	for (s = TAILQ_FIRST(&user->sessions); s != NULL; s = next) {
+		next = TAILQ_NEXT(s, user_list);
+		if (s->kind == SESSION_NOTIFY)
+			ws_close(s, WS_CLOSE_TRY_AGAIN, "try_again_later");
+	}
+}
+
 /* Calls cb with the id of each user who has a notification socket here. */
 void
 hub_notify_users(void (*cb)(const char *, void *), void *arg)

@@ -251,6 +251,8 @@ void	hub_remove(struct session *);
 void	hub_conversation(int64_t, int64_t, const char *, size_t,
 	    const char *, size_t);
 void	hub_user(const char *, size_t, const char *, size_t);
+void	hub_conversation_close(int64_t);
+void	hub_user_close(const char *, size_t);
 void	hub_notify_users(void (*)(const char *, void *), void *);
 void	hub_hold_release(struct session *, int64_t);
 void	hub_hold_drop(struct session *);

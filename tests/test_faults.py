@@ -98,19 +98,38 @@ def pool_stopped(iso, conn):
             os.kill(pid, signal.SIGCONT)
 
 
-def on_every_worker(iso, conn, user, open_socket):
+def on_every_worker(iso, conn, user, open_socket, conv=None):
     """Sockets of user, opened with open_socket() until every worker holds
-    one (Kore hands each new connection to one worker or the other)."""
+    one (Kore hands each new connection to one worker or the other): chat
+    sockets of conv, or notification sockets when conv is None."""
     workers = {str(p) for p in iso.pids}
     socks, held = [], set()
     while held != workers and len(socks) < 40:
         socks.append(open_socket())
         time.sleep(0.05)
-        held = {r[0] for r in sql_rows(conn, "SELECT split_part(node, '-', 1) "
-                                       "FROM parley_sockets WHERE user_id = %s",
-                                       user)}
+        held = {r[0] for r in sql_rows(
+            conn, "SELECT split_part(node, '-', 1) FROM parley_sockets WHERE "
+            "user_id = %s AND conversation_id IS NOT DISTINCT FROM %s",
+            user, conv)}
     assert held == workers, held
     return socks
+
+
+@contextlib.contextmanager
+def functions_away(conn, *signatures):
+    """The given SQL functions ("name(types)") renamed to name_away until
+    the block ends: every call of them fails, as a bug or a timeout would."""
+    cur = conn.cursor()
+    for sig in signatures:
+        cur.execute("ALTER FUNCTION %s RENAME TO %s_away" %
+                    (sig, sig.split("(")[0]))
+    try:
+        yield
+    finally:
+        for sig in signatures:
+            name, args = sig.split("(", 1)
+            cur.execute("ALTER FUNCTION %s_away(%s RENAME TO %s" %
+                        (name, args, name))
 
 
 def stored(conn, conv):
@@ -324,7 +343,8 @@ def test_read_receipts_while_bus_reconnects_are_delivered(isolated):
     conn = iso.connect()
     a, b = new_id(), new_id()
     conv = create_conversation(conn, [a, b])
-    socks = on_every_worker(iso, conn, a, lambda: iso.chat(conv, a, "Ann"))
+    socks = on_every_worker(iso, conn, a, lambda: iso.chat(conv, a, "Ann"),
+                            conv)
     first = sql_message(conn, conv, a, "one")
     for w in socks:
         assert message_ids(w, 1) == [first]
@@ -357,7 +377,8 @@ def test_presence_while_bus_reconnects_is_delivered(isolated):
     conn = iso.connect()
     a, c = new_id(), new_id()
     conv = create_conversation(conn, [a, c])
-    socks = on_every_worker(iso, conn, a, lambda: iso.chat(conv, a, "Ann"))
+    socks = on_every_worker(iso, conn, a, lambda: iso.chat(conv, a, "Ann"),
+                            conv)
     sql_one(conn, "SELECT parley_node_alive('elsewhere')")
     sql_one(conn, "SELECT parley_chat_open('elsewhere', 1, %s, %s, 'Cy', 32)",
             conv, c)
@@ -440,6 +461,80 @@ def test_message_by_reference_is_fetched_again_after_a_failure(isolated):
     shown = [f["message"] for f in wb.frames if f["type"] == "message"]
     assert shown[0]["content"] == "\u00e9" * 4000
     iso.assert_workers_alive()
+
+
+def refused_then_caught_up(iso, refuse, notes_closed):
+    """refuse(conn, conv, sender, refused) makes the bus need a query that
+    the database refuses every time, calls refused() while it still does,
+    and returns the id of the message that only that query could deliver.
+    The workers give it up after a few tries rather than hold the bus paused
+    for good: the reader's sockets it was for, on every worker, are closed
+    with 1013 try_again_later (its notification sockets too when
+    notes_closed); coming back with `after` they get what they missed, and
+    live events flow again."""
+    conn = iso.connect()
+    a, b = new_id(), new_id()
+    conv = create_conversation(conn, [a, b])
+    first = sql_message(conn, conv, a, "before")
+
+    def chat():
+        return iso.chat(conv, b, "Bob", after=first)
+
+    def notification_socket():
+        w = iso.ws("/ws/notifications/", make_token(b, "Bob"))
+        assert w.recv()["type"] == "ready"
+        return w
+
+    chats = on_every_worker(iso, conn, b, chat, conv)
+    notes = on_every_worker(iso, conn, b, notification_socket)
+    time.sleep(2.5)     # a ping answered: a notification catch-up is owed
+    gave_up = "refused, closing its sockets"
+    expected = len(iso.pids) * (2 if notes_closed else 1)
+    missed = refuse(conn, conv, a, lambda: wait_for(
+        lambda: iso.srv.output().count(gave_up) >= expected, 30, 0.1,
+        "every worker gave up"))
+    for w in chats + (notes if notes_closed else []):
+        assert w.expect_close(timeout=10) == (1013, "try_again_later")
+
+    chats = on_every_worker(iso, conn, b, chat, conv)
+    if notes_closed:
+        notes = on_every_worker(iso, conn, b, notification_socket)
+    for w in chats:
+        assert message_ids(w, 1) == [missed]
+    live = sql_message(conn, conv, a, "live")
+    for w in chats:
+        assert message_ids(w, 2) == [missed, live]
+    for w in notes:
+        seen(w, lambda f: f["type"] == "new_message" and
+             f["message"]["id"] == live)
+    iso.assert_workers_alive()
+
+
+def test_catchup_the_database_refuses_closes_its_sockets(isolated):
+    """The catch-up after the bus reconnects (its functions renamed away,
+    as a statement timeout would fail them)."""
+    def refuse(conn, conv, sender, refused):
+        with functions_away(conn, "parley_catchup(bigint, bigint, integer)",
+                            "parley_notification_catchup(jsonb, timestamptz)"):
+            with parley_cut_off(conn):
+                missed = sql_message(conn, conv, sender, "missed")
+            refused()
+        return missed
+
+    refused_then_caught_up(isolated(), refuse, notes_closed=True)
+
+
+def test_fetch_the_database_refuses_closes_its_sockets(isolated):
+    """A message sent by reference (too big for NOTIFY) whose frame cannot
+    be fetched: the conversation's sockets are closed; the notification
+    sockets, which wait behind it meanwhile, are not."""
+    def refuse(conn, conv, sender, refused):
+        with functions_away(conn, "parley_message_frame(bigint)"):
+            big = sql_message(conn, conv, sender, "\u00e9" * 4000)
+            refused()
+        return big
+
+    refused_then_caught_up(isolated(), refuse, notes_closed=False)
 
 
 def test_bus_queue_past_its_bound_is_caught_up_from_the_database(isolated):
@@ -585,16 +680,12 @@ def test_statement_that_failed_to_prepare_is_prepared_again(isolated):
     iso = isolated(PARLEY_DB_POOL="1")
     conn = iso.connect()
     token = make_token(new_id(), "Ann")
-    cur = conn.cursor()
-    cur.execute("ALTER FUNCTION parley_unread(text) RENAME TO parley_unread_away")
-    try:
+    with functions_away(conn, "parley_unread(text)"):
         # fresh connections, so both workers' one pooled connection fail it
         for _ in range(8):
             r = api(iso.srv, "GET", "/api/unread", token)
             assert r.status_code == 500, r.text
             assert r.json()["error"]["code"] == "internal", r.text
-    finally:
-        cur.execute("ALTER FUNCTION parley_unread_away(text) RENAME TO parley_unread")
     for _ in range(8):
         r = api(iso.srv, "GET", "/api/unread", token)
         assert r.status_code == 200, r.text
