@@ -23,6 +23,8 @@
 
 #include <sys/types.h>
 
+#include <limits.h>
+#include <stdint.h>
 #include <string.h>
 
 #include "parley.h"
@@ -31,7 +33,14 @@ int	api_messages(struct http_request *);
 
 static int	messages_history(struct http_request *,
 		    const struct identity *, const char *);
+static int	messages_latest(struct http_request *,
+		    const struct identity *, const char *,
+		    const struct rest_page *);
 static int	messages_history_page(struct db_result *, int,
+		    struct kore_buf *, void *);
+static int	messages_latest_page(struct db_result *, int,
+		    struct kore_buf *, void *);
+static int	messages_render(struct db_result *, int, int,
 		    struct kore_buf *);
 static int	messages_send(struct http_request *,
 		    const struct identity *, const char *);
@@ -41,6 +50,9 @@ static int	messages_sender(struct http_request *, yajl_val,
 
 static const char	history_sql[] =
     "SELECT * FROM parley_history($1, $2, $3, $4, $5)";
+
+static const char	latest_sql[] =
+    "SELECT * FROM parley_latest_page($1, $2, $3, $4)";
 
 static const char	send_sql[] =
     "SELECT * FROM parley_rest_post_message($1, $2, $3, $4, $5, $6, $7)";
@@ -77,6 +89,9 @@ messages_history(struct http_request *req, const struct identity *id,
 	if (!rest_page(req, 50, 200, REST_PAGE_AFTER, &page))
 		return (KORE_RESULT_OK);
 
+	if (page.before == NULL && page.after == NULL)
+		return (messages_latest(req, id, cid, &page));
+
 	params[0] = cid;
 	params[1] = id->service ? NULL : id->user_id;
 	params[2] = page.before;
@@ -84,27 +99,94 @@ messages_history(struct http_request *req, const struct identity *id,
 	params[4] = page.limit;
 
 	return (rest_query(req, HTTP_STATUS_OK, history_sql, 5, params,
-	    messages_history_page));
+	    messages_history_page, NULL));
 }
 
-/* parley_history's rows, oldest first: the page, and whether more exist. */
+/*
+ * The latest page, from this worker's copy when the database says nothing
+ * it was made from changed (pages.c).
+ */
+static int
+messages_latest(struct http_request *req, const struct identity *id,
+    const char *cid, const struct rest_page *page)
+{
+	struct page		*kept;
+	const char		*params[4];
+	int64_t			conv, limit;
+
+	if (!util_parse_int64(cid, 1, INT64_MAX, &conv) ||
+	    !util_parse_int64(page->limit, 1, INT_MAX, &limit))
+		return (rest_invalid(req, "bad conversation id or limit"));
+
+	kept = pages_get(conv, (int)limit);
+	params[0] = cid;
+	params[1] = id->service ? NULL : id->user_id;
+	params[2] = page->limit;
+	params[3] = kept->stamp;
+
+	return (rest_query(req, HTTP_STATUS_OK, latest_sql, 4, params,
+	    messages_latest_page, kept));
+}
+
 static int
 messages_history_page(struct db_result *r, int ok_status,
-    struct kore_buf *body)
+    struct kore_buf *body, void *unused)
 {
-	int		i, n, more, first;
-
 	if (PQnfields(r->res) != MESSAGE_COLUMNS + 1) {
 		rest_error_body(body, "internal", "unexpected result");
 		return (HTTP_STATUS_INTERNAL_ERROR);
 	}
+
+	return (messages_render(r, 0, ok_status, body));
+}
+
+/*
+ * parley_latest_page's header row (unchanged?, the stamp), then, unless
+ * unchanged, the page's rows: kept for the next request.
+ */
+static int
+messages_latest_page(struct db_result *r, int ok_status,
+    struct kore_buf *body, void *arg)
+{
+	struct page	*kept = arg;
+	const char	*stamp;
+	int		status;
+
+	if (PQnfields(r->res) != MESSAGE_COLUMNS + 2 ||
+	    PQntuples(r->res) < 1 ||
+	    PQgetisnull(r->res, 0, MESSAGE_COLUMNS + 1)) {
+		rest_error_body(body, "internal", "unexpected result");
+		return (HTTP_STATUS_INTERNAL_ERROR);
+	}
+
+	stamp = PQgetvalue(r->res, 0, MESSAGE_COLUMNS + 1);
+	if (kept->stamp != NULL &&
+	    *PQgetvalue(r->res, 0, MESSAGE_COLUMNS) == 't') {
+		kore_buf_append(body, kept->body, kept->len);
+		metrics_page(1);
+		return (ok_status);
+	}
+
+	status = messages_render(r, 1, ok_status, body);
+	pages_put(kept, stamp, body->data, body->offset);
+	metrics_page(0);
+
+	return (status);
+}
+
+/* History rows from `from` on, oldest first: the page, and has_more. */
+static int
+messages_render(struct db_result *r, int from, int ok_status,
+    struct kore_buf *body)
+{
+	int		i, n, more, first;
 
 	more = 0;
 	first = 1;
 	n = PQntuples(r->res);
 
 	UTIL_BUF_LITERAL(body, "{\"messages\":[");
-	for (i = 0; i < n; i++) {
+	for (i = from; i < n; i++) {
 		if (*PQgetvalue(r->res, i, MESSAGE_COLUMNS) == 't') {
 			more = 1;
 			continue;
@@ -148,7 +230,7 @@ messages_send(struct http_request *req, const struct identity *id,
 		params[5] = m.metadata;
 		params[6] = m.has_client_id ? m.client_id : NULL;
 		ret = rest_query(req, HTTP_STATUS_CREATED, send_sql, 7,
-		    params, rest_finish_created);
+		    params, rest_finish_created, NULL);
 	}
 
 	message_cleanup(&m);

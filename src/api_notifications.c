@@ -105,7 +105,8 @@ api_notification_read(struct http_request *req)
 	params[0] = id.user_id;
 	params[1] = nid;
 
-	return (rest_query(req, HTTP_STATUS_OK, read_sql, 2, params, NULL));
+	return (rest_query(req, HTTP_STATUS_OK, read_sql, 2, params,
+	    NULL, NULL));
 }
 
 int
@@ -124,7 +125,7 @@ api_notifications_read_all(struct http_request *req)
 	params[0] = id.user_id;
 
 	return (rest_query(req, HTTP_STATUS_OK, read_all_sql, 1, params,
-	    NULL));
+	    NULL, NULL));
 }
 
 /* GET, or PUT {"disabled_types":[...]} to replace the list. */
@@ -147,7 +148,7 @@ api_notification_preferences(struct http_request *req)
 	params[0] = id.user_id;
 	if (req->method == HTTP_METHOD_GET)
 		return (rest_query(req, HTTP_STATUS_OK, prefs_get_sql, 1,
-		    params, NULL));
+		    params, NULL, NULL));
 
 	if (!rest_body(req, &root))
 		return (KORE_RESULT_OK);
@@ -158,7 +159,7 @@ api_notification_preferences(struct http_request *req)
 	    &types)) {
 		params[1] = kore_buf_stringify(&types, NULL);
 		ret = rest_query(req, HTTP_STATUS_OK, prefs_put_sql, 2,
-		    params, NULL);
+		    params, NULL, NULL);
 	}
 
 	kore_buf_cleanup(&types);
@@ -185,7 +186,8 @@ notifications_list(struct http_request *req, const struct identity *id)
 	params[2] = page.before;
 	params[3] = unread ? "true" : "false";
 
-	return (rest_query(req, HTTP_STATUS_OK, list_sql, 4, params, NULL));
+	return (rest_query(req, HTTP_STATUS_OK, list_sql, 4, params,
+	    NULL, NULL));
 }
 
 /* {"user_id","type","payload"}: stored, pushed live, 201 with it. */
@@ -217,7 +219,7 @@ notifications_post(struct http_request *req)
 		params[1] = type->u.string;
 		params[2] = kore_buf_stringify(&payload, NULL);
 		ret = rest_query(req, HTTP_STATUS_CREATED, post_sql, 3,
-		    params, NULL);
+		    params, NULL, NULL);
 	}
 
 	kore_buf_cleanup(&payload);

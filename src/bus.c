@@ -315,8 +315,8 @@ bus_fetched(struct db_result *r, void *unused)
 	}
 
 	if (!r->ok) {
-		kore_log(LOG_NOTICE, "bus: %c %lld refused, closing its sockets",
-		    p->kind, (long long)p->seq);
+		kore_log(LOG_NOTICE, "bus: %c %lld refused, closing its "
+		    "sockets", p->kind, (long long)p->seq);
 		if (p->kind == 'M')
 			hub_conversation_close(p->conv);
 		else

@@ -47,6 +47,7 @@ struct metrics_slot {
 	u_int64_t	frames_sent;
 	u_int64_t	db_errors;
 	u_int64_t	bus_overflows;
+	u_int64_t	pages[2];
 	u_int64_t	rejected[METRICS_REJECT_MAX];
 	u_int64_t	latency[METRICS_LATENCY_BUCKETS];
 	u_int64_t	latency_count;
@@ -144,6 +145,13 @@ metrics_bus_overflow(void)
 	metrics_mine()->bus_overflows++;
 }
 
+/* A latest page answered from the worker's copy (kept) or rendered. */
+void
+metrics_page(int kept)
+{
+	metrics_mine()->pages[kept != 0]++;
+}
+
 void
 metrics_rejected(int reason)
 {
@@ -186,6 +194,8 @@ metrics_render(struct kore_buf *buf)
 		sum.frames_sent += metrics_slots[s].frames_sent;
 		sum.db_errors += metrics_slots[s].db_errors;
 		sum.bus_overflows += metrics_slots[s].bus_overflows;
+		sum.pages[0] += metrics_slots[s].pages[0];
+		sum.pages[1] += metrics_slots[s].pages[1];
 		sum.latency_count += metrics_slots[s].latency_count;
 		sum.latency_sum_us += metrics_slots[s].latency_sum_us;
 	}
@@ -208,6 +218,11 @@ metrics_render(struct kore_buf *buf)
 	kore_buf_appendf(buf, "# TYPE parley_bus_overflows_total counter\n"
 	    "parley_bus_overflows_total %llu\n",
 	    (unsigned long long)sum.bus_overflows);
+	kore_buf_appendf(buf, "# TYPE parley_latest_pages_total counter\n"
+	    "parley_latest_pages_total{source=\"kept\"} %llu\n"
+	    "parley_latest_pages_total{source=\"database\"} %llu\n",
+	    (unsigned long long)sum.pages[1],
+	    (unsigned long long)sum.pages[0]);
 
 	kore_buf_appendf(buf,
 	    "# TYPE parley_handshakes_rejected_total counter\n");

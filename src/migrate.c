@@ -46,6 +46,7 @@ static const struct migration migrations[] = {
 	{ 5, "005_sockets", asset_005_sockets_sql },
 	{ 6, "006_rest", asset_006_rest_sql },
 	{ 7, "007_batch", asset_007_batch_sql },
+	{ 8, "008_pages", asset_008_pages_sql },
 	{ 0, NULL, NULL },
 };
 

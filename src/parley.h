@@ -261,6 +261,19 @@ struct hub_conv	*hub_conv_first(void);
 struct hub_conv	*hub_conv_next(struct hub_conv *);
 int64_t	hub_conv_id(struct hub_conv *);
 
+/* Latest pages of history, checked by stamp (pages.c). */
+struct page {
+	int64_t		conv;
+	int		limit;
+	char		*stamp;		/* NULL: nothing kept */
+	u_int8_t	*body;
+	size_t		len;
+};
+
+struct page	*pages_get(int64_t, int);
+void		pages_put(const struct page *, const char *, const void *,
+		    size_t);
+
 /* Deferred notifications of big conversations (fanout.c). */
 void	fanout_init(void);
 void	fanout_wake(void);
@@ -289,7 +302,8 @@ size_t	json_utf8_length(const u_int8_t *, size_t);
 
 #define REST_BODY_MAX		(64 * 1024)
 
-typedef int	(*rest_finish_fn)(struct db_result *, int, struct kore_buf *);
+typedef int	(*rest_finish_fn)(struct db_result *, int, struct kore_buf *,
+		    void *);
 
 void	rest_reply(struct http_request *, int, const void *, size_t);
 void	rest_error(struct http_request *, int, const char *, const char *);
@@ -298,7 +312,7 @@ int	rest_identity(struct http_request *, int, struct identity *);
 int	rest_body(struct http_request *, yajl_val *);
 void	rest_error_body(struct kore_buf *, const char *, const char *);
 int	rest_query(struct http_request *, int, const char *, int,
-	    const char *const *, rest_finish_fn);
+	    const char *const *, rest_finish_fn, void *);
 int	rest_resume(struct http_request *);
 int	rest_not_found(struct http_request *);
 
@@ -322,7 +336,8 @@ int	rest_path_id(struct http_request *, char *, size_t);
 yajl_val	rest_member(yajl_val, const char *);
 int	rest_user_id(yajl_val, char *, size_t);
 void	rest_message_error(struct http_request *, const struct message_in *);
-int	rest_finish_created(struct db_result *, int, struct kore_buf *);
+int	rest_finish_created(struct db_result *, int, struct kore_buf *,
+	    void *);
 
 /* Counters for /metrics (metrics.c). */
 #define METRICS_SOCKET_CHAT		0
@@ -347,6 +362,7 @@ void	metrics_message_stored(void);
 void	metrics_frames_sent(u_int64_t);
 void	metrics_db_error(void);
 void	metrics_bus_overflow(void);
+void	metrics_page(int);
 void	metrics_rejected(int);
 void	metrics_send_latency(u_int64_t);
 void	metrics_render(struct kore_buf *);

@@ -37,6 +37,7 @@ struct rest_call {
 	int			status;
 	int			ok_status;
 	rest_finish_fn		finish;
+	void			*ctx;
 	struct kore_buf		*body;
 };
 
@@ -168,11 +169,12 @@ rest_body(struct http_request *req, yajl_val *out)
 /*
  * Run one query for this request and answer with its result: by default
  * the text of row 0, column 0 with `ok_status`; `finish` (optional) may
- * pick another status or body. Returns what the handler must return.
+ * pick another status or body, and gets `ctx` (optional, kore_malloc'd:
+ * it is freed with the request). Returns what the handler must return.
  */
 int
 rest_query(struct http_request *req, int ok_status, const char *sql,
-    int nparams, const char *const *params, rest_finish_fn finish)
+    int nparams, const char *const *params, rest_finish_fn finish, void *ctx)
 {
 	struct rest_call	*call;
 	struct db_query		*q;
@@ -180,6 +182,7 @@ rest_query(struct http_request *req, int ok_status, const char *sql,
 	call = http_state_create(req, sizeof(*call), rest_call_free);
 	call->ok_status = ok_status;
 	call->finish = finish;
+	call->ctx = ctx;
 	call->body = kore_buf_alloc(256);
 
 	/* The callback may run at once when the database is down. */
@@ -220,7 +223,8 @@ rest_query_done(struct db_result *r, void *arg)
 		call->status = r->status;
 		rest_error_body(call->body, r->code, r->message);
 	} else if (call->finish != NULL) {
-		call->status = call->finish(r, call->ok_status, call->body);
+		call->status = call->finish(r, call->ok_status, call->body,
+		    call->ctx);
 	} else if (PQntuples(r->res) == 1 && PQnfields(r->res) >= 1) {
 		call->status = call->ok_status;
 		kore_buf_append(call->body, PQgetvalue(r->res, 0, 0),
@@ -242,6 +246,7 @@ rest_call_free(struct http_request *req)
 	if (!call->done)
 		db_cancel(call->query);
 	kore_buf_free(call->body);
+	kore_free(call->ctx);
 	http_state_cleanup(req);
 }
 
@@ -454,7 +459,8 @@ rest_message_error(struct http_request *req, const struct message_in *m)
  * was found.
  */
 int
-rest_finish_created(struct db_result *r, int ok_status, struct kore_buf *body)
+rest_finish_created(struct db_result *r, int ok_status, struct kore_buf *body,
+    void *unused)
 {
 	if (PQntuples(r->res) != 1 || PQnfields(r->res) != 2 ||
 	    PQgetisnull(r->res, 0, 0) || PQgetisnull(r->res, 0, 1)) {

@@ -14,7 +14,7 @@ import threading
 import pytest
 import requests
 
-from helpers import WS, api, make_token, new_id, service_token
+from helpers import WS, api, make_token, metrics, new_id, service_token
 
 
 # ---------------------------------------------------------------------------------
@@ -1105,6 +1105,83 @@ def test_history_objects_are_those_of_the_live_frames(server, conn):
     assert [m["is_read"] for m in page] == [True] * len(sent)
     assert page == [one(conn, "select parley_message_json(%s::bigint)", m["id"])
                     for m in page]
+
+
+def kept_pages(server):
+    return metrics(server)['parley_latest_pages_total{source="kept"}']
+
+
+def test_latest_page_is_answered_from_memory_while_nothing_changed(server):
+    """Each worker keeps the latest page it rendered (src/pages.c) and
+    answers the next request for it from memory when the database says
+    nothing it was made from changed: the same bytes, checked every time."""
+    a, b = users(2)
+    conv = conversation(server, a.token, [b.id])["id"]
+    for i in range(3):
+        send(server, a.token, conv, {"content": "m%d" % i})
+    first = history(server, b.token, conv)
+    kept = kept_pages(server)
+    for _ in range(8):
+        assert history(server, b.token, conv) == first
+    # at most one render per worker (two workers): the rest came from memory
+    assert kept_pages(server) >= kept + 6
+    short = history(server, b.token, conv, "?limit=2")
+    assert short["messages"] == first["messages"][1:] and short["has_more"]
+
+
+def test_latest_page_kept_is_never_stale(server, conn):
+    """Whatever a page was made from changes, the next request shows it
+    (read-your-writes on every worker): a message stored by SQL, a read
+    that turns is_read, a sender renamed, a message edited or deleted by
+    another program, a reader who left or a stranger (404 though the page
+    is kept and its stamp has not moved)."""
+    a, b, c, stranger = users(4)
+    conv = conversation(server, a.token, [b.id, c.id])["id"]
+    cur = conn.cursor()
+
+    def page(token=b.token):
+        for _ in range(4):              # warm, then kept, on both workers
+            got = history(server, token, conv)
+        return got["messages"]
+
+    for i in range(6):
+        cur.execute("insert into messages (conversation_id, sender_id, content) "
+                    "values (%s, %s, %s) returning id", (conv, a.id, "sql %d" % i))
+        stored = cur.fetchone()[0]
+        assert page()[-1]["id"] == stored
+
+    assert not any(m["is_read"] for m in page())
+    for reader in (b, c):
+        ok(api(server, "POST", "/api/conversations/%d/read" % conv,
+               reader.token, {}))
+    assert all(m["is_read"] for m in page())
+
+    cur.execute("select parley_touch_user(%s, %s)", (a.id, "Renamed"))
+    assert {m["sender_name"] for m in page()} == {"Renamed"}
+
+    last = page()[-1]["id"]
+    cur.execute("update messages set content = 'edited' where id = %s", (last,))
+    assert page()[-1]["content"] == "edited"
+    cur.execute("delete from messages where id = %s", (last,))
+    assert last not in [m["id"] for m in page()]
+
+    assert page(a.token)[-1]["content"] == "sql 4"
+
+    # b, who has read everything, leaves a conversation where c has read
+    # nothing: the read floor, and so the stamp, stays as it was.
+    conv = conversation(server, a.token, [b.id, c.id],
+                        context={"kind": "job", "ref": new_id()})["id"]
+    send(server, a.token, conv, {"content": "bye"})
+    ok(api(server, "POST", "/api/conversations/%d/read" % conv, b.token, {}))
+    floor = "select parley_read_floor(%s)::text" % conv
+    before = one(conn, floor)
+    page()
+    cur.execute("delete from participants where conversation_id = %s "
+                "and user_id = %s", (conv, b.id))
+    assert one(conn, floor) == before
+    for who in (b, stranger, b, stranger):
+        error(api(server, "GET", "/api/conversations/%d/messages" % conv,
+                  who.token), 404, "not_found")
 
 
 @pytest.mark.parametrize("query", [
