@@ -1,6 +1,6 @@
 -- Latest pages cached by the servers (src/pages.c). A worker keeps the
 -- latest page of a conversation it served, with a stamp of everything the
--- page was made from, and asks parley_latest_page for it again with that
+-- page was made from, and asks parley_latest_pages for it again with that
 -- stamp: when nothing changed, it gets the stamp back and no rows, and
 -- answers from memory. What goes into a page, and so into its stamp:
 -- the messages (a new one moves last_message_id and message_count; an
@@ -54,23 +54,19 @@ create or replace trigger users_renamed after update on users
     referencing old table as before new table as renamed
     for each statement execute function parley_names_changed();
 
--- A user reads a conversation they take part in; a service (p_viewer null)
--- any that exists. Otherwise PX404.
-create or replace function parley_check_reader(p_conversation bigint, p_viewer text)
-returns void
+-- Whether p_viewer may read the conversation: a user one they take part
+-- in, a service (p_viewer null) any that exists.
+create or replace function parley_can_read(p_conversation bigint, p_viewer text)
+returns boolean
 language plpgsql stable
 set search_path from current
 as $$
 begin
     if p_viewer is null then
-        perform 1 from conversations c where c.id = p_conversation;
-    else
-        perform 1 from participants p
-         where p.conversation_id = p_conversation and p.user_id = p_viewer;
+        return exists (select 1 from conversations c where c.id = p_conversation);
     end if;
-    if not found then
-        perform parley_fail(404, 'not_found', 'no such conversation, or not a participant');
-    end if;
+    return exists (select 1 from participants p
+                    where p.conversation_id = p_conversation and p.user_id = p_viewer);
 end
 $$;
 
@@ -99,7 +95,9 @@ declare
     v_before bigint := coalesce(p_before, 9223372036854775807);
     f record;
 begin
-    perform parley_check_reader(p_conversation, p_viewer);
+    if not parley_can_read(p_conversation, p_viewer) then
+        perform parley_fail(404, 'not_found', 'no such conversation, or not a participant');
+    end if;
 
     f := parley_read_floor(p_conversation);
 
@@ -129,39 +127,50 @@ end
 $$;
 
 
--- The latest page for a cache holding the one stamped p_stamp (null: none).
--- The first row is a header: id null, extra true when the page is
--- unchanged, stamp the page's stamp now. Unless unchanged, the page's rows
--- (parley_history) follow, stamp null. One snapshot for both (a stable
--- function), so the stamp is exactly that of the rows.
-create or replace function parley_latest_page(p_conversation bigint, p_viewer text,
-    p_limit integer, p_stamp text)
+-- The latest pages that a worker's waiting requests ask for, in one call:
+-- p_batch is [{"c":conversation,"v":viewer (absent for a service),"l":limit,
+-- "s":the stamp of the page the worker keeps (absent: none)}]. For each
+-- element (idx its position) a header row: status 404 when the viewer may
+-- not read, else 200 with `extra` true when the kept page is unchanged and
+-- `stamp` the page's stamp now. Then, for each changed page, its rows
+-- (parley_history, status 200, stamp null). One snapshot for all (a stable
+-- function), so each stamp is exactly that of its rows. The headers are one
+-- statement for the whole batch: a page answered from memory costs the
+-- database a few index lookups of a shared call, not a call of its own.
+create or replace function parley_latest_pages(p_batch jsonb)
 returns table (id bigint, conversation_id bigint, sender_id text, sender_name text,
                content text, type text, metadata text, client_id text,
-               ts text, is_read boolean, extra boolean, stamp text)
+               ts text, is_read boolean, extra boolean, stamp text,
+               idx integer, status integer)
 language plpgsql stable
 set search_path from current
 set plan_cache_mode = force_generic_plan
 as $$
 #variable_conflict use_column
 declare
-    v_stamp text;
+    a record;
 begin
-    perform parley_check_reader(p_conversation, p_viewer);
-    select concat_ws(':', p_limit, c.last_message_id, c.message_count,
-                     c.history_version, n.version, f.min_user, f.min_read,
-                     f.next_read)
-      into v_stamp
-      from conversations c, parley_names n, parley_read_floor(p_conversation) f
-     where c.id = p_conversation;
-    return query select null::bigint, null::bigint, null::text, null::text,
-                        null::text, null::text, null::text, null::text,
-                        null::text, null::boolean,
-                        v_stamp is not distinct from p_stamp, v_stamp;
-    if v_stamp is distinct from p_stamp then
-        return query select h.*, null::text
-                       from parley_history(p_conversation, p_viewer, null, null,
-                                           p_limit) h;
-    end if;
+    for a in
+        select x.i::integer - 1 as idx, (x.e->>'c')::bigint as conv,
+               x.e->>'v' as viewer, (x.e->>'l')::integer as lim, x.e->>'s' as known,
+               (select concat_ws(':', x.e->>'l', c.last_message_id, c.message_count,
+                                 c.history_version, n.version,
+                                 parley_read_floor(c.id)::text)
+                  from conversations c, parley_names n
+                 where c.id = (x.e->>'c')::bigint
+                   and parley_can_read(c.id, x.e->>'v')) as stamp
+          from jsonb_array_elements(p_batch) with ordinality x(e, i)
+    loop
+        -- The header: the message columns stay null.
+        idx := a.idx;
+        status := case when a.stamp is null then 404 else 200 end;
+        stamp := a.stamp;
+        extra := a.stamp is not null and a.stamp = a.known;
+        return next;
+        if a.stamp is not null and a.stamp is distinct from a.known then
+            return query select h.*, null::text, a.idx, 200
+                           from parley_history(a.conv, a.viewer, null, null, a.lim) h;
+        end if;
+    end loop;
 end
 $$;

@@ -164,8 +164,7 @@ api_conversation_read(struct http_request *req)
 	params[1] = id.user_id;
 	params[2] = v != NULL ? mid : NULL;
 
-	return (rest_query(req, HTTP_STATUS_OK, read_sql, 3, params,
-	    NULL, NULL));
+	return (rest_query(req, HTTP_STATUS_OK, read_sql, 3, params, NULL));
 }
 
 static int
@@ -181,8 +180,7 @@ conversations_list(struct http_request *req, const struct identity *id)
 	params[1] = page.limit;
 	params[2] = page.before;
 
-	return (rest_query(req, HTTP_STATUS_OK, list_sql, 3, params,
-	    NULL, NULL));
+	return (rest_query(req, HTTP_STATUS_OK, list_sql, 3, params, NULL));
 }
 
 /* 201 with a new conversation, 200 with the one that already existed. */
@@ -210,7 +208,7 @@ conversations_create(struct http_request *req, const struct identity *id)
 		params[5] = in.ref;
 		params[6] = in.has_system ? in.system.content : NULL;
 		ret = rest_query(req, HTTP_STATUS_CREATED, create_sql, 7,
-		    params, rest_finish_created, NULL);
+		    params, rest_finish_created);
 	}
 
 	message_cleanup(&in.system);
@@ -237,8 +235,7 @@ conversation_get(struct http_request *req, const struct identity *id,
 	params[1] = id->service ? NULL : id->user_id;
 	params[2] = mark_read && !id->service ? "true" : "false";
 
-	return (rest_query(req, HTTP_STATUS_OK, get_sql, 3, params,
-	    NULL, NULL));
+	return (rest_query(req, HTTP_STATUS_OK, get_sql, 3, params, NULL));
 }
 
 static int
@@ -263,8 +260,7 @@ conversation_mute(struct http_request *req, const struct identity *id,
 	params[2] = YAJL_IS_TRUE(muted) ? "true" : "false";
 	yajl_tree_free(root);
 
-	return (rest_query(req, HTTP_STATUS_OK, mute_sql, 3, params,
-	    NULL, NULL));
+	return (rest_query(req, HTTP_STATUS_OK, mute_sql, 3, params, NULL));
 }
 
 static int

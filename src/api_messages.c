@@ -37,10 +37,6 @@ static int	messages_latest(struct http_request *,
 		    const struct identity *, const char *,
 		    const struct rest_page *);
 static int	messages_history_page(struct db_result *, int,
-		    struct kore_buf *, void *);
-static int	messages_latest_page(struct db_result *, int,
-		    struct kore_buf *, void *);
-static int	messages_render(struct db_result *, int, int,
 		    struct kore_buf *);
 static int	messages_send(struct http_request *,
 		    const struct identity *, const char *);
@@ -50,9 +46,6 @@ static int	messages_sender(struct http_request *, yajl_val,
 
 static const char	history_sql[] =
     "SELECT * FROM parley_history($1, $2, $3, $4, $5)";
-
-static const char	latest_sql[] =
-    "SELECT * FROM parley_latest_page($1, $2, $3, $4)";
 
 static const char	send_sql[] =
     "SELECT * FROM parley_rest_post_message($1, $2, $3, $4, $5, $6, $7)";
@@ -99,105 +92,35 @@ messages_history(struct http_request *req, const struct identity *id,
 	params[4] = page.limit;
 
 	return (rest_query(req, HTTP_STATUS_OK, history_sql, 5, params,
-	    messages_history_page, NULL));
+	    messages_history_page));
 }
 
-/*
- * The latest page, from this worker's copy when the database says nothing
- * it was made from changed (pages.c).
- */
+/* The latest page: batched, and answered from memory when unchanged. */
 static int
 messages_latest(struct http_request *req, const struct identity *id,
     const char *cid, const struct rest_page *page)
 {
-	struct page		*kept;
-	const char		*params[4];
-	int64_t			conv, limit;
+	int64_t		conv, limit;
 
 	if (!util_parse_int64(cid, 1, INT64_MAX, &conv) ||
 	    !util_parse_int64(page->limit, 1, INT_MAX, &limit))
 		return (rest_invalid(req, "bad conversation id or limit"));
 
-	kept = pages_get(conv, (int)limit);
-	params[0] = cid;
-	params[1] = id->service ? NULL : id->user_id;
-	params[2] = page->limit;
-	params[3] = kept->stamp;
-
-	return (rest_query(req, HTTP_STATUS_OK, latest_sql, 4, params,
-	    messages_latest_page, kept));
+	return (latest_page(req, conv, id->service ? NULL : id->user_id,
+	    (int)limit));
 }
 
+/* parley_history's rows, oldest first: the page, and whether more exist. */
 static int
 messages_history_page(struct db_result *r, int ok_status,
-    struct kore_buf *body, void *unused)
+    struct kore_buf *body)
 {
 	if (PQnfields(r->res) != MESSAGE_COLUMNS + 1) {
 		rest_error_body(body, "internal", "unexpected result");
 		return (HTTP_STATUS_INTERNAL_ERROR);
 	}
 
-	return (messages_render(r, 0, ok_status, body));
-}
-
-/*
- * parley_latest_page's header row (unchanged?, the stamp), then, unless
- * unchanged, the page's rows: kept for the next request.
- */
-static int
-messages_latest_page(struct db_result *r, int ok_status,
-    struct kore_buf *body, void *arg)
-{
-	struct page	*kept = arg;
-	const char	*stamp;
-	int		status;
-
-	if (PQnfields(r->res) != MESSAGE_COLUMNS + 2 ||
-	    PQntuples(r->res) < 1 ||
-	    PQgetisnull(r->res, 0, MESSAGE_COLUMNS + 1)) {
-		rest_error_body(body, "internal", "unexpected result");
-		return (HTTP_STATUS_INTERNAL_ERROR);
-	}
-
-	stamp = PQgetvalue(r->res, 0, MESSAGE_COLUMNS + 1);
-	if (kept->stamp != NULL &&
-	    *PQgetvalue(r->res, 0, MESSAGE_COLUMNS) == 't') {
-		kore_buf_append(body, kept->body, kept->len);
-		metrics_page(1);
-		return (ok_status);
-	}
-
-	status = messages_render(r, 1, ok_status, body);
-	pages_put(kept, stamp, body->data, body->offset);
-	metrics_page(0);
-
-	return (status);
-}
-
-/* History rows from `from` on, oldest first: the page, and has_more. */
-static int
-messages_render(struct db_result *r, int from, int ok_status,
-    struct kore_buf *body)
-{
-	int		i, n, more, first;
-
-	more = 0;
-	first = 1;
-	n = PQntuples(r->res);
-
-	UTIL_BUF_LITERAL(body, "{\"messages\":[");
-	for (i = from; i < n; i++) {
-		if (*PQgetvalue(r->res, i, MESSAGE_COLUMNS) == 't') {
-			more = 1;
-			continue;
-		}
-		if (!first)
-			UTIL_BUF_LITERAL(body, ",");
-		first = 0;
-		message_render(body, r->res, i);
-	}
-	kore_buf_appendf(body, "],\"has_more\":%s}", more ? "true" : "false");
-
+	message_page(body, r->res, 0, PQntuples(r->res));
 	return (ok_status);
 }
 
@@ -230,7 +153,7 @@ messages_send(struct http_request *req, const struct identity *id,
 		params[5] = m.metadata;
 		params[6] = m.has_client_id ? m.client_id : NULL;
 		ret = rest_query(req, HTTP_STATUS_CREATED, send_sql, 7,
-		    params, rest_finish_created, NULL);
+		    params, rest_finish_created);
 	}
 
 	message_cleanup(&m);

@@ -105,8 +105,7 @@ api_notification_read(struct http_request *req)
 	params[0] = id.user_id;
 	params[1] = nid;
 
-	return (rest_query(req, HTTP_STATUS_OK, read_sql, 2, params,
-	    NULL, NULL));
+	return (rest_query(req, HTTP_STATUS_OK, read_sql, 2, params, NULL));
 }
 
 int
@@ -125,7 +124,7 @@ api_notifications_read_all(struct http_request *req)
 	params[0] = id.user_id;
 
 	return (rest_query(req, HTTP_STATUS_OK, read_all_sql, 1, params,
-	    NULL, NULL));
+	    NULL));
 }
 
 /* GET, or PUT {"disabled_types":[...]} to replace the list. */
@@ -148,7 +147,7 @@ api_notification_preferences(struct http_request *req)
 	params[0] = id.user_id;
 	if (req->method == HTTP_METHOD_GET)
 		return (rest_query(req, HTTP_STATUS_OK, prefs_get_sql, 1,
-		    params, NULL, NULL));
+		    params, NULL));
 
 	if (!rest_body(req, &root))
 		return (KORE_RESULT_OK);
@@ -159,7 +158,7 @@ api_notification_preferences(struct http_request *req)
 	    &types)) {
 		params[1] = kore_buf_stringify(&types, NULL);
 		ret = rest_query(req, HTTP_STATUS_OK, prefs_put_sql, 2,
-		    params, NULL, NULL);
+		    params, NULL);
 	}
 
 	kore_buf_cleanup(&types);
@@ -186,8 +185,7 @@ notifications_list(struct http_request *req, const struct identity *id)
 	params[2] = page.before;
 	params[3] = unread ? "true" : "false";
 
-	return (rest_query(req, HTTP_STATUS_OK, list_sql, 4, params,
-	    NULL, NULL));
+	return (rest_query(req, HTTP_STATUS_OK, list_sql, 4, params, NULL));
 }
 
 /* {"user_id","type","payload"}: stored, pushed live, 201 with it. */
@@ -219,7 +217,7 @@ notifications_post(struct http_request *req)
 		params[1] = type->u.string;
 		params[2] = kore_buf_stringify(&payload, NULL);
 		ret = rest_query(req, HTTP_STATUS_CREATED, post_sql, 3,
-		    params, NULL, NULL);
+		    params, NULL);
 	}
 
 	kore_buf_cleanup(&payload);

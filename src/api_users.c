@@ -61,6 +61,5 @@ api_user_get(struct http_request *req, const char *sql, int nparams)
 	params[0] = id.user_id;
 	params[1] = id.name;
 
-	return (rest_query(req, HTTP_STATUS_OK, sql, nparams, params,
-	    NULL, NULL));
+	return (rest_query(req, HTTP_STATUS_OK, sql, nparams, params, NULL));
 }

@@ -241,6 +241,33 @@ message_number_in(yajl_val obj, const char *name, double min, double max)
 }
 
 /*
+ * A page of history from rows [from, to) of res (parley_history's
+ * columns): the message objects, oldest first, and has_more from the row
+ * whose `extra` column marks it as the one past the page.
+ */
+void
+message_page(struct kore_buf *body, PGresult *res, int from, int to)
+{
+	int		i, more, first;
+
+	more = 0;
+	first = 1;
+
+	UTIL_BUF_LITERAL(body, "{\"messages\":[");
+	for (i = from; i < to; i++) {
+		if (*PQgetvalue(res, i, MESSAGE_COLUMNS) == 't') {
+			more = 1;
+			continue;
+		}
+		if (!first)
+			UTIL_BUF_LITERAL(body, ",");
+		first = 0;
+		message_render(body, res, i);
+	}
+	kore_buf_appendf(body, "],\"has_more\":%s}", more ? "true" : "false");
+}
+
+/*
  * Append the message object of PROTOCOL.md for row `row` of `res`, whose
  * first MESSAGE_COLUMNS columns are parley_history()'s: id,
  * conversation_id, sender_id, sender_name, content, type, metadata (JSON

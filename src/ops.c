@@ -49,8 +49,7 @@ ops_readyz(struct http_request *req)
 	if (!rest_method(req, HTTP_METHOD_GET | HTTP_METHOD_HEAD))
 		return (KORE_RESULT_OK);
 
-	return (rest_query(req, HTTP_STATUS_OK, ready_sql, 0, NULL, NULL,
-	    NULL));
+	return (rest_query(req, HTTP_STATUS_OK, ready_sql, 0, NULL, NULL));
 }
 
 int

@@ -16,10 +16,10 @@
 
 /*
  * The latest pages of history this worker served (GET .../messages with
- * no cursor), each kept with the stamp parley_latest_page() gave it
- * (sql/008_pages.sql). Asked again with that stamp, the database checks
- * the reader and recomputes the stamp, but sends no rows when it is the
- * same: the page is answered from here. Nothing needs invalidating, since
+ * no cursor), each kept with the stamp parley_latest_pages() gave it
+ * (sql/008_pages.sql, latest.c). Asked again with that stamp, the
+ * database checks the reader and recomputes the stamp, but sends no rows
+ * when it is the same: the page is answered from here. Nothing needs invalidating, since
  * every use is checked against the database; memory is bounded
  * (PAGES_BYTES per worker, least recently used first out).
  */

@@ -129,6 +129,7 @@ void	message_cleanup(struct message_in *);
 #define MESSAGE_COLUMNS		10
 
 void	message_render(struct kore_buf *, PGresult *, int);
+void	message_page(struct kore_buf *, PGresult *, int, int);
 
 /* Sockets: what chat and notification sockets share (ws.c). */
 #define SESSION_CHAT		0
@@ -274,6 +275,9 @@ struct page	*pages_get(int64_t, int);
 void		pages_put(const struct page *, const char *, const void *,
 		    size_t);
 
+/* Latest pages asked in batches (latest.c). */
+int		latest_page(struct http_request *, int64_t, const char *, int);
+
 /* Deferred notifications of big conversations (fanout.c). */
 void	fanout_init(void);
 void	fanout_wake(void);
@@ -302,8 +306,7 @@ size_t	json_utf8_length(const u_int8_t *, size_t);
 
 #define REST_BODY_MAX		(64 * 1024)
 
-typedef int	(*rest_finish_fn)(struct db_result *, int, struct kore_buf *,
-		    void *);
+typedef int	(*rest_finish_fn)(struct db_result *, int, struct kore_buf *);
 
 void	rest_reply(struct http_request *, int, const void *, size_t);
 void	rest_error(struct http_request *, int, const char *, const char *);
@@ -312,7 +315,10 @@ int	rest_identity(struct http_request *, int, struct identity *);
 int	rest_body(struct http_request *, yajl_val *);
 void	rest_error_body(struct kore_buf *, const char *, const char *);
 int	rest_query(struct http_request *, int, const char *, int,
-	    const char *const *, rest_finish_fn, void *);
+	    const char *const *, rest_finish_fn);
+int	rest_wait(struct http_request *, void *, void (*)(void *));
+struct kore_buf	*rest_answer_body(struct http_request *);
+void	rest_answer(struct http_request *, int);
 int	rest_resume(struct http_request *);
 int	rest_not_found(struct http_request *);
 
@@ -336,8 +342,7 @@ int	rest_path_id(struct http_request *, char *, size_t);
 yajl_val	rest_member(yajl_val, const char *);
 int	rest_user_id(yajl_val, char *, size_t);
 void	rest_message_error(struct http_request *, const struct message_in *);
-int	rest_finish_created(struct db_result *, int, struct kore_buf *,
-	    void *);
+int	rest_finish_created(struct db_result *, int, struct kore_buf *);
 
 /* Counters for /metrics (metrics.c). */
 #define METRICS_SOCKET_CHAT		0

@@ -38,9 +38,11 @@ struct rest_call {
 	int			ok_status;
 	rest_finish_fn		finish;
 	void			*ctx;
+	void			(*release)(void *);
 	struct kore_buf		*body;
 };
 
+static struct rest_call	*rest_call_new(struct http_request *);
 static void	rest_call_free(struct http_request *);
 static void	rest_query_done(struct db_result *, void *);
 static char	*rest_param(struct http_request *, const char *);
@@ -169,21 +171,18 @@ rest_body(struct http_request *req, yajl_val *out)
 /*
  * Run one query for this request and answer with its result: by default
  * the text of row 0, column 0 with `ok_status`; `finish` (optional) may
- * pick another status or body, and gets `ctx` (optional, kore_malloc'd:
- * it is freed with the request). Returns what the handler must return.
+ * pick another status or body. Returns what the handler must return.
  */
 int
 rest_query(struct http_request *req, int ok_status, const char *sql,
-    int nparams, const char *const *params, rest_finish_fn finish, void *ctx)
+    int nparams, const char *const *params, rest_finish_fn finish)
 {
 	struct rest_call	*call;
 	struct db_query		*q;
 
-	call = http_state_create(req, sizeof(*call), rest_call_free);
+	call = rest_call_new(req);
 	call->ok_status = ok_status;
 	call->finish = finish;
-	call->ctx = ctx;
-	call->body = kore_buf_alloc(256);
 
 	/* The callback may run at once when the database is down. */
 	q = db_query(sql, nparams, params, rest_query_done, req);
@@ -193,6 +192,45 @@ rest_query(struct http_request *req, int ok_status, const char *sql,
 	call->query = q;
 	http_request_sleep(req);
 	return (KORE_RESULT_RETRY);
+}
+
+/*
+ * Sleep until rest_answer(), for a request that something else answers
+ * (a batched call); release(ctx), when given, runs when the request ends,
+ * answered or not.
+ */
+int
+rest_wait(struct http_request *req, void *ctx, void (*release)(void *))
+{
+	struct rest_call	*call;
+
+	call = rest_call_new(req);
+	call->ctx = ctx;
+	call->release = release;
+
+	http_request_sleep(req);
+	return (KORE_RESULT_RETRY);
+}
+
+/* Where a waiting request's answer goes, before rest_answer(). */
+struct kore_buf *
+rest_answer_body(struct http_request *req)
+{
+	struct rest_call	*call;
+
+	call = http_state_get(req);
+	return (call->body);
+}
+
+void
+rest_answer(struct http_request *req, int status)
+{
+	struct rest_call	*call;
+
+	call = http_state_get(req);
+	call->done = 1;
+	call->status = status;
+	http_request_wakeup(req);
 }
 
 /* Called again by Kore after the wakeup: send what the query produced. */
@@ -223,8 +261,7 @@ rest_query_done(struct db_result *r, void *arg)
 		call->status = r->status;
 		rest_error_body(call->body, r->code, r->message);
 	} else if (call->finish != NULL) {
-		call->status = call->finish(r, call->ok_status, call->body,
-		    call->ctx);
+		call->status = call->finish(r, call->ok_status, call->body);
 	} else if (PQntuples(r->res) == 1 && PQnfields(r->res) >= 1) {
 		call->status = call->ok_status;
 		kore_buf_append(call->body, PQgetvalue(r->res, 0, 0),
@@ -237,6 +274,17 @@ rest_query_done(struct db_result *r, void *arg)
 	http_request_wakeup(req);
 }
 
+static struct rest_call *
+rest_call_new(struct http_request *req)
+{
+	struct rest_call	*call;
+
+	call = http_state_create(req, sizeof(*call), rest_call_free);
+	call->body = kore_buf_alloc(256);
+
+	return (call);
+}
+
 static void
 rest_call_free(struct http_request *req)
 {
@@ -245,8 +293,9 @@ rest_call_free(struct http_request *req)
 	call = http_state_get(req);
 	if (!call->done)
 		db_cancel(call->query);
+	if (call->release != NULL)
+		call->release(call->ctx);
 	kore_buf_free(call->body);
-	kore_free(call->ctx);
 	http_state_cleanup(req);
 }
 
@@ -459,8 +508,7 @@ rest_message_error(struct http_request *req, const struct message_in *m)
  * was found.
  */
 int
-rest_finish_created(struct db_result *r, int ok_status, struct kore_buf *body,
-    void *unused)
+rest_finish_created(struct db_result *r, int ok_status, struct kore_buf *body)
 {
 	if (PQntuples(r->res) != 1 || PQnfields(r->res) != 2 ||
 	    PQgetisnull(r->res, 0, 0) || PQgetisnull(r->res, 0, 1)) {

@@ -9,6 +9,7 @@ the `conn` fixture.
 
 import concurrent.futures
 import json
+import socket
 import threading
 
 import pytest
@@ -1182,6 +1183,46 @@ def test_latest_page_kept_is_never_stale(server, conn):
     for who in (b, stranger, b, stranger):
         error(api(server, "GET", "/api/conversations/%d/messages" % conv,
                   who.token), 404, "not_found")
+
+
+def test_latest_pages_asked_together_get_each_their_own_answer(server):
+    """Latest-page requests that arrive together share one database call
+    (src/latest.c): each still gets its own page, or its own 404, whatever
+    else is in the call; clients that hang up while theirs is in flight
+    harm nobody else."""
+    a, b, stranger = users(3)
+    convs = []
+    for i in range(4):
+        conv = conversation(server, a.token, [b.id],
+                            context={"kind": "job", "ref": new_id()})["id"]
+        for j in range(i + 1):
+            send(server, a.token, conv, {"content": "c%d m%d" % (i, j)})
+        convs.append(conv)
+    expected = {c: history(server, b.token, c) for c in convs}
+    asks = [(c, who) for c in convs for who in (a, b, stranger)] * 6
+
+    def ask(job):
+        conv, who = job
+        return api(server, "GET", "/api/conversations/%d/messages" % conv,
+                   who.token)
+
+    def hang_up(conv):
+        with socket.create_connection(("127.0.0.1", server.port)) as s:
+            s.sendall(("GET /api/conversations/%d/messages HTTP/1.1\r\n"
+                       "Host: x\r\nAuthorization: Bearer %s\r\n\r\n" %
+                       (conv, b.token)).encode())
+
+    with concurrent.futures.ThreadPoolExecutor(24) as pool:
+        hung = [pool.submit(hang_up, c) for c in convs * 5]
+        answers = list(pool.map(ask, asks))
+        for h in hung:
+            h.result()
+    for (conv, who), r in zip(asks, answers):
+        if who is stranger:
+            error(r, 404, "not_found")
+        else:
+            assert r.status_code == 200 and r.json() == expected[conv], r.text
+    assert history(server, a.token, convs[0]) == expected[convs[0]]
 
 
 @pytest.mark.parametrize("query", [
