@@ -19,9 +19,9 @@
  * no cursor), each kept with the stamp parley_latest_pages() gave it
  * (sql/008_pages.sql, latest.c). Asked again with that stamp, the
  * database checks the reader and recomputes the stamp, but sends no rows
- * when it is the same: the page is answered from here. Nothing needs invalidating, since
- * every use is checked against the database; memory is bounded
- * (PAGES_BYTES per worker, least recently used first out).
+ * when it is the same: the page is answered from here. Nothing needs
+ * invalidating, since every use is checked against the database; memory
+ * is bounded (PAGES_BYTES per worker, least recently used first out).
  */
 
 #include <sys/types.h>
