@@ -5,19 +5,29 @@
 -- answers from memory. What goes into a page, and so into its stamp:
 -- the messages (a new one moves last_message_id and message_count; an
 -- UPDATE or DELETE, which only other programs make, moves
--- history_version), the senders' names (a rename moves the one row of
--- parley_names: renames are rare, and a message's sender may have left),
+-- history_version), the senders' names (a rename of a user who has sent
+-- moves the one row of parley_names: a message's sender may have left),
 -- and the read positions that make is_read (parley_read_floor). Who may
 -- read is checked at every call, hit or not.
 select set_config('search_path', quote_ident(current_schema()) || ', pg_temp', true);
 
 alter table conversations add column if not exists history_version bigint not null default 0;
 
+-- Renames matter to kept pages only for users who have sent something
+-- (has_sent, set by their first message). Most renames are a first
+-- connect replacing the placeholder name a conversation gave a user who
+-- had not connected yet: counting those in one row would make every
+-- first connect wait on that row.
 create table if not exists parley_names (
     only_row  boolean primary key default true check (only_row),
     version   bigint not null default 0
 );
 insert into parley_names default values on conflict do nothing;
+
+alter table users add column if not exists has_sent boolean not null default false;
+update users u set has_sent = true
+  from (select distinct sender_id from messages where sender_id is not null) s
+ where u.id = s.sender_id and not u.has_sent;
 
 create or replace function parley_history_changed() returns trigger
 language plpgsql
@@ -37,22 +47,35 @@ create or replace trigger messages_deleted after delete on messages
     referencing old table as changed
     for each statement execute function parley_history_changed();
 
-create or replace function parley_names_changed() returns trigger
+create or replace function parley_senders_seen() returns trigger
 language plpgsql
 set search_path from current
 as $$
 begin
-    if exists (select 1 from renamed r join before b on b.id = r.id
-                where b.name is distinct from r.name) then
-        update parley_names set version = version + 1;
-    end if;
+    update users u set has_sent = true
+      from (select distinct sender_id from inserted where sender_id is not null) s
+     where u.id = s.sender_id and not u.has_sent;
     return null;
 end
 $$;
 
-create or replace trigger users_renamed after update on users
-    referencing old table as before new table as renamed
-    for each statement execute function parley_names_changed();
+create or replace trigger messages_senders_seen after insert on messages
+    referencing new table as inserted
+    for each statement execute function parley_senders_seen();
+
+create or replace function parley_sender_renamed() returns trigger
+language plpgsql
+set search_path from current
+as $$
+begin
+    update parley_names set version = version + 1;
+    return null;
+end
+$$;
+
+create or replace trigger users_renamed after update of name on users
+    for each row when (old.has_sent and old.name is distinct from new.name)
+    execute function parley_sender_renamed();
 
 -- Whether p_viewer may read the conversation: a user one they take part
 -- in, a service (p_viewer null) any that exists.

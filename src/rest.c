@@ -252,26 +252,26 @@ rest_query_done(struct db_result *r, void *arg)
 {
 	struct http_request	*req = arg;
 	struct rest_call	*call;
+	int			status;
 
 	call = http_state_get(req);
 	call->query = NULL;
-	call->done = 1;
 
 	if (!r->ok) {
-		call->status = r->status;
+		status = r->status;
 		rest_error_body(call->body, r->code, r->message);
 	} else if (call->finish != NULL) {
-		call->status = call->finish(r, call->ok_status, call->body);
+		status = call->finish(r, call->ok_status, call->body);
 	} else if (PQntuples(r->res) == 1 && PQnfields(r->res) >= 1) {
-		call->status = call->ok_status;
+		status = call->ok_status;
 		kore_buf_append(call->body, PQgetvalue(r->res, 0, 0),
 		    PQgetlength(r->res, 0, 0));
 	} else {
-		call->status = HTTP_STATUS_INTERNAL_ERROR;
+		status = HTTP_STATUS_INTERNAL_ERROR;
 		rest_error_body(call->body, "internal", "empty result");
 	}
 
-	http_request_wakeup(req);
+	rest_answer(req, status);
 }
 
 static struct rest_call *

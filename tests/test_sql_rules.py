@@ -254,6 +254,22 @@ def test_plain_insert_updates_last_message_unread_and_collapses(conn):
                   "unread_notifications": 1}
 
 
+def test_only_a_senders_rename_moves_the_names_version(conn):
+    """Kept latest pages show senders' names, so renaming someone who has
+    sent moves parley_names.version (their stamp); renaming someone who has
+    not (a first connect replacing a placeholder name, the usual rename)
+    does not, or every first connect would queue on that one row."""
+    a, b = touch(conn, "Ana", "Bob")
+    conv = create(conn, a, [a, b])["conversation"]["id"]
+    version = "select version from parley_names"
+    before = one(conn, version)
+    one(conn, "select parley_touch_user(%s, 'Bob B.')", b)
+    assert one(conn, version) == before
+    insert_message(conn, conv, b, "hi")
+    one(conn, "select parley_touch_user(%s, 'Bob C.')", b)
+    assert one(conn, version) == before + 1
+
+
 def test_system_message_counts_for_everyone(conn):
     a, b = touch(conn, "Ana", "Bob")
     conv = create(conn, None, [a, b], system="Chat is now active")
