@@ -132,6 +132,16 @@ def functions_away(conn, *signatures):
                         (name, args, name))
 
 
+def chat_on_every_worker(iso, conn):
+    """A two-person conversation and its first user's chat sockets on every
+    worker: (user, other user, conversation, sockets)."""
+    a, b = new_id(), new_id()
+    conv = create_conversation(conn, [a, b])
+    socks = on_every_worker(iso, conn, a, lambda: iso.chat(conv, a, "Ann"),
+                            conv)
+    return a, b, conv, socks
+
+
 def stored(conn, conv):
     return sql_rows(conn, "SELECT client_id, id FROM messages WHERE "
                     "conversation_id = %s ORDER BY id", conv)
@@ -341,10 +351,7 @@ def test_read_receipts_while_bus_reconnects_are_delivered(isolated):
     messages' catch-up once the bus is back."""
     iso = isolated()
     conn = iso.connect()
-    a, b = new_id(), new_id()
-    conv = create_conversation(conn, [a, b])
-    socks = on_every_worker(iso, conn, a, lambda: iso.chat(conv, a, "Ann"),
-                            conv)
+    a, b, conv, socks = chat_on_every_worker(iso, conn)
     first = sql_message(conn, conv, a, "one")
     for w in socks:
         assert message_ids(w, 1) == [first]
@@ -375,10 +382,7 @@ def test_presence_while_bus_reconnects_is_delivered(isolated):
     now, after the messages' catch-up."""
     iso = isolated()
     conn = iso.connect()
-    a, c = new_id(), new_id()
-    conv = create_conversation(conn, [a, c])
-    socks = on_every_worker(iso, conn, a, lambda: iso.chat(conv, a, "Ann"),
-                            conv)
+    a, c, conv, socks = chat_on_every_worker(iso, conn)
     sql_one(conn, "SELECT parley_node_alive('elsewhere')")
     sql_one(conn, "SELECT parley_chat_open('elsewhere', 1, %s, %s, 'Cy', 32)",
             conv, c)
