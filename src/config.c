@@ -83,6 +83,10 @@ config_load(void)
 		"PARLEY_RATE_MESSAGES", 1, 100000, 10, 1 };
 	static const struct int_setting	pool = {
 		"PARLEY_DB_POOL", 1, 64, 4, 1 };
+	static const struct int_setting	db_timeout = {
+		"PARLEY_DB_TIMEOUT", 3, 3600, 15, 1000 };
+	static const struct int_setting	page_cache = {
+		"PARLEY_PAGE_CACHE_MB", 0, 65536, 32, 1024 * 1024 };
 	static const struct int_setting	frame = {
 		"PARLEY_MAX_FRAME_BYTES", 1024, 1000000, 65536, 1 };
 	static const struct int_setting	output = {
@@ -97,6 +101,8 @@ config_load(void)
 		"PARLEY_BUS_QUEUE_MAX", 100, 10000000, 100000, 1 };
 
 	memset(&parley_cfg, 0, sizeof(parley_cfg));
+
+	parley_cfg.db_timeout_ms = config_int(&db_timeout);
 
 	config_listen();
 	config_database();
@@ -114,6 +120,7 @@ config_load(void)
 	parley_cfg.ping_interval_ms = config_int(&ping);
 	parley_cfg.drain_timeout_ms = config_int(&drain);
 	parley_cfg.bus_queue_max = config_int(&bus_queue);
+	parley_cfg.page_cache_bytes = config_int(&page_cache);
 
 	if (parley_cfg.ping_interval_ms >= parley_cfg.idle_timeout_ms)
 		config_fail("PARLEY_PING_INTERVAL must be below "
@@ -197,13 +204,19 @@ config_listen(void)
 	kore_free(copy);
 }
 
+/*
+ * The pool's connections run with a statement timeout below
+ * PARLEY_DB_TIMEOUT, so that PostgreSQL rolls a slow call back before
+ * Parley gives up on it: a call Parley reports as failed has not
+ * committed. Schema migrations connect without it.
+ */
 static void
 config_database(void)
 {
 	PQconninfoOption	*opts, *o;
-	const char		*url;
-	char			*err;
-	size_t			n, i, d;
+	const char		*url, *options;
+	char			*err, *value;
+	size_t			n, i, d, len;
 
 	if ((url = config_env("PARLEY_DATABASE_URL")) == NULL) {
 		config_fail("PARLEY_DATABASE_URL is not set "
@@ -219,18 +232,24 @@ config_database(void)
 		    "connection string: %s", err ? err : "out of memory");
 	}
 
-	n = 0;
+	n = 1;
 	for (o = opts; o->keyword != NULL; o++)
 		n++;
 	n += sizeof(db_defaults) / sizeof(db_defaults[0]);
 
 	parley_cfg.db_keywords = kore_calloc(n, sizeof(char *));
 	parley_cfg.db_values = kore_calloc(n, sizeof(char *));
+	parley_cfg.db_pool_values = kore_calloc(n, sizeof(char *));
 
 	i = 0;
+	options = "";
 	for (o = opts; o->keyword != NULL; o++) {
 		if (o->val == NULL || o->val[0] == '\0')
 			continue;
+		if (!strcmp(o->keyword, "options")) {
+			options = o->val;
+			continue;
+		}
 		parley_cfg.db_keywords[i] = kore_strdup(o->keyword);
 		parley_cfg.db_values[i] = kore_strdup(o->val);
 		i++;
@@ -247,6 +266,17 @@ config_database(void)
 		parley_cfg.db_values[i] = db_defaults[d][1];
 		i++;
 	}
+
+	/* Libpq skips an empty value: the URL's options, if any, and ours. */
+	memcpy(parley_cfg.db_pool_values, parley_cfg.db_values,
+	    i * sizeof(char *));
+	parley_cfg.db_keywords[i] = "options";
+	parley_cfg.db_values[i] = kore_strdup(options);
+	len = strlen(options) + 64;
+	value = kore_malloc(len);
+	(void)snprintf(value, len, "%s -c statement_timeout=%llu", options,
+	    (unsigned long long)parley_cfg.db_timeout_ms * 2 / 3);
+	parley_cfg.db_pool_values[i] = value;
 
 	PQconninfoFree(opts);
 }

@@ -54,10 +54,10 @@
 #define DB_BACKOFF_MIN		100
 #define DB_BACKOFF_MAX		5000
 #define DB_CONNECT_POLL		5
-#define DB_QUERY_TIMEOUT	15000
 #define DB_QUEUE_LIMIT		20000
 #define DB_MIGRATE_RETRY_MAX	5000
 #define DB_LISTEN_PING		2000
+#define DB_CANCELED		"57014"	/* query_canceled */
 #define DB_STATEMENTS_MAX	64
 #define DB_LISTEN_PING_SQL	\
 	"SELECT clock_timestamp() /* LISTEN parley alive */"
@@ -341,7 +341,7 @@ db_conn_start(struct db_conn *conn)
 	conn->preparing = 0;
 
 	conn->pg = PQconnectStartParams(parley_cfg.db_keywords,
-	    parley_cfg.db_values, 0);
+	    parley_cfg.db_pool_values, 0);
 	if (conn->pg == NULL || PQstatus(conn->pg) == CONNECTION_BAD) {
 		db_conn_fail(conn, "connect failed");
 		return;
@@ -684,13 +684,13 @@ db_sweep(void *unused, u_int64_t now)
 
 	for (i = 0; i < parley_cfg.db_pool_size; i++) {
 		if (db_conns[i].state == DB_CONN_BUSY &&
-		    now - db_conns[i].query->started > DB_QUERY_TIMEOUT)
+		    now - db_conns[i].query->started > parley_cfg.db_timeout_ms)
 			db_conn_fail(&db_conns[i], "query timed out");
 	}
 
 	conn = &db_conns[parley_cfg.db_pool_size];
 	if (conn->state == DB_CONN_BUSY &&
-	    now - conn->sent > DB_QUERY_TIMEOUT)
+	    now - conn->sent > parley_cfg.db_timeout_ms)
 		db_conn_fail(conn, "LISTEN connection stopped answering");
 	else if (conn->state == DB_CONN_IDLE &&
 	    now - conn->sent >= DB_LISTEN_PING)
@@ -700,7 +700,8 @@ db_sweep(void *unused, u_int64_t now)
 /*
  * Turn a result into what callers need: ok, or an HTTP-like status with a
  * protocol error code. Functions in sql/ raise SQLSTATE PXnnn with the
- * protocol code as message (docs/DATA.md); anything else is internal.
+ * protocol code as message (docs/DATA.md); a canceled statement is
+ * unavailable; anything else is internal.
  */
 static void
 db_query_finish(struct db_query *q, PGresult *res, const char *why)
@@ -730,6 +731,15 @@ db_query_finish(struct db_query *q, PGresult *res, const char *why)
 			    PG_DIAG_MESSAGE_PRIMARY);
 			r.message = PQresultErrorField(res,
 			    PG_DIAG_MESSAGE_DETAIL);
+		} else if (state != NULL && !strcmp(state, DB_CANCELED)) {
+			/* The statement timeout: rolled back, worth a retry. */
+			r.status = HTTP_STATUS_SERVICE_UNAVAILABLE;
+			r.code = "unavailable";
+			r.message = "the database took too long to answer";
+			kore_log(LOG_NOTICE, "query canceled: %.*s",
+			    (int)strcspn(PQresultErrorMessage(res), "\n"),
+			    PQresultErrorMessage(res));
+			metrics_db_error();
 		} else {
 			r.status = HTTP_STATUS_INTERNAL_ERROR;
 			r.code = "internal";

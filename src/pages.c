@@ -21,7 +21,8 @@
  * database checks the reader and recomputes the stamp, but sends no rows
  * when it is the same: the page is answered from here. Nothing needs
  * invalidating, since every use is checked against the database; memory
- * is bounded (PAGES_BYTES per worker, least recently used first out).
+ * is bounded (PARLEY_PAGE_CACHE_MB per worker, least recently used first
+ * out; a page over a 64th of it is not kept, 0 keeps none).
  */
 
 #include <sys/types.h>
@@ -33,8 +34,6 @@
 #include "parley.h"
 
 #define PAGES_BUCKETS		4096
-#define PAGES_BYTES		(32 * 1024 * 1024)
-#define PAGES_ENTRY_MAX		(PAGES_BYTES / 64)
 
 struct page_entry {
 	LIST_ENTRY(page_entry)	bucket;
@@ -89,14 +88,14 @@ pages_put(const struct page *p, const char *stamp, const void *body,
 	if ((old = pages_find(p->conv, p->limit)) != NULL)
 		pages_evict(old);
 
-	if (len > PAGES_ENTRY_MAX)
+	if (len >= parley_cfg.page_cache_bytes / 64)
 		return;
 
 	e = PAGES_ENTRY(pages_alloc(offsetof(struct page_entry, page),
 	    p->conv, p->limit, stamp, body, len, &size));
 	e->size = size;
 
-	while (pages_bytes + size > PAGES_BYTES &&
+	while (pages_bytes + size > parley_cfg.page_cache_bytes &&
 	    (old = TAILQ_LAST(&pages_lru, page_lru)) != NULL)
 		pages_evict(old);
 

@@ -38,7 +38,10 @@ struct parley_config {
 
 	const char	**db_keywords;
 	const char	**db_values;
+	/* The same, with the statement timeout for the pool's connections. */
+	const char	**db_pool_values;
 	int		db_pool_size;
+	u_int64_t	db_timeout_ms;
 
 	int		jwt_alg;
 	unsigned char	*jwt_key;
@@ -58,6 +61,7 @@ struct parley_config {
 	u_int64_t	ping_interval_ms;
 	u_int64_t	drain_timeout_ms;
 	int		bus_queue_max;
+	size_t		page_cache_bytes;
 };
 
 extern struct parley_config	parley_cfg;

@@ -624,6 +624,43 @@ def test_open_whose_answer_was_lost_is_taken_out_again(isolated):
     iso.assert_workers_alive()
 
 
+def test_send_past_the_timeout_is_rolled_back_not_stored_later(isolated):
+    """PARLEY_DB_TIMEOUT 3 s: the pool runs with a 2 s statement timeout,
+    so a send PostgreSQL takes longer over (a trigger sleeps 4 s) is
+    canceled and rolled back there: the socket's sender gets `internal`
+    (the socket protocol's code for a database failure), a REST sender 503
+    `unavailable`. Nothing commits afterwards behind those answers
+    (without the statement timeout, Parley gave up at 3 s and the backend
+    committed at 4 s); the same client_id then stores the message once."""
+    iso = isolated(PARLEY_DB_TIMEOUT="3")
+    conn = iso.connect()
+    cur = conn.cursor()
+    cur.execute("CREATE FUNCTION slow_insert() RETURNS trigger LANGUAGE "
+                "plpgsql AS $$ BEGIN PERFORM pg_sleep(4); RETURN NEW; END $$")
+    cur.execute("CREATE TRIGGER slow BEFORE INSERT ON messages FOR EACH ROW "
+                "WHEN (NEW.content = 'slow') EXECUTE FUNCTION slow_insert()")
+    a, b = new_id(), new_id()
+    conv = create_conversation(conn, [a, b])
+    wa = iso.chat(conv, a, "Ann")
+    wa.send({"type": "message", "content": "slow", "client_id": "k1"})
+    f = wa.recv_until(lambda f: f["type"] in ("ack", "error"), timeout=10)
+    assert (f["type"], f["code"], f["message"]) == (
+        "error", "internal", "the database took too long to answer"), f
+    r = api(iso.srv, "POST", "/api/conversations/%d/messages" % conv,
+            make_token(b), {"content": "slow"})
+    assert r.status_code == 503, r.text
+    assert r.json()["error"]["code"] == "unavailable", r.text
+    assert iso.srv.output().count("query canceled") == 2
+    time.sleep(3)                       # past the sleeping insert's end
+    assert stored(conn, conv) == []
+
+    cur.execute("DROP TRIGGER slow ON messages")
+    ack, errors = send_until_acked(wa, "slow", "k1", time.time() + 10)
+    assert errors == 0
+    assert stored(conn, conv) == [("k1", ack["message_id"])]
+    iso.assert_workers_alive()
+
+
 def test_database_stopped_then_started(isolated):
     iso = isolated()
     conn = iso.connect()

@@ -52,6 +52,8 @@ def base_env(pg):
     ({"PARLEY_ALLOWED_ORIGINS": "app.example.com"}, "PARLEY_ALLOWED_ORIGINS"),
     ({"PARLEY_PING_INTERVAL": "80"}, "PARLEY_PING_INTERVAL must be below"),
     ({"PARLEY_BUS_QUEUE_MAX": "99"}, "PARLEY_BUS_QUEUE_MAX must be an integer"),
+    ({"PARLEY_DB_TIMEOUT": "2"}, "PARLEY_DB_TIMEOUT must be an integer from 3"),
+    ({"PARLEY_PAGE_CACHE_MB": "-1"}, "PARLEY_PAGE_CACHE_MB must be an integer from 0"),
 ])
 def test_bad_configuration_stops_with_one_clear_line(binary, pg, change, needle):
     env = base_env(pg)

@@ -1130,6 +1130,22 @@ def test_latest_page_is_answered_from_memory_while_nothing_changed(server):
     assert short["messages"] == first["messages"][1:] and short["has_more"]
 
 
+def test_page_cache_of_zero_keeps_no_page(isolated):
+    """PARLEY_PAGE_CACHE_MB=0: every latest page comes from the database,
+    the same as when pages are kept."""
+    iso = isolated(PARLEY_PAGE_CACHE_MB="0")
+    a, b = users(2)
+    conv = conversation(iso.srv, a.token, [b.id])["id"]
+    send(iso.srv, a.token, conv, {"content": "hello"})
+    first = history(iso.srv, b.token, conv)
+    assert [m["content"] for m in first["messages"]] == ["hello"]
+    for _ in range(6):
+        assert history(iso.srv, b.token, conv) == first
+    counts = metrics(iso.srv)
+    assert counts['parley_latest_pages_total{source="kept"}'] == 0
+    assert counts['parley_latest_pages_total{source="database"}'] >= 7
+
+
 def test_latest_page_kept_is_never_stale(server, conn):
     """Whatever a page was made from changes, the next request shows it
     (read-your-writes on every worker): a message stored by SQL, a read
