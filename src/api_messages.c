@@ -103,8 +103,10 @@ messages_latest(struct http_request *req, const struct identity *id,
 	int64_t		conv, limit;
 
 	if (!util_parse_int64(cid, 1, INT64_MAX, &conv) ||
-	    !util_parse_int64(page->limit, 1, INT_MAX, &limit))
-		return (rest_invalid(req, "bad conversation id or limit"));
+	    !util_parse_int64(page->limit, 1, INT_MAX, &limit)) {
+		(void)rest_invalid(req, "bad conversation id or limit");
+		return (KORE_RESULT_OK);
+	}
 
 	return (latest_page(req, conv, id->service ? NULL : id->user_id,
 	    (int)limit));

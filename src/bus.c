@@ -125,6 +125,7 @@ static char			bus_fetching_uid[PARLEY_USER_ID_MAX + 1];
 static u_int64_t		bus_fetch_backoff;
 static int			bus_fetch_refusals;
 static char			bus_alive_at[BUS_TIME_MAX];
+static u_int64_t		bus_up_count;
 
 /* The LISTEN is in place: catch every socket up, then go live. */
 void
@@ -136,6 +137,7 @@ bus_up(void)
 
 	kore_log(LOG_NOTICE, "bus: listening");
 
+	bus_up_count++;
 	bus_paused++;
 	for (conv = hub_conv_first(); conv != NULL;
 	    conv = hub_conv_next(conv)) {
@@ -156,6 +158,24 @@ bus_up(void)
 	bus_paused--;
 
 	bus_drain();
+}
+
+/* How many times the LISTEN came back: a socket opening across one. */
+u_int64_t
+bus_ups(void)
+{
+	return (bus_up_count);
+}
+
+/*
+ * A chat socket whose open was answered after the LISTEN came back, its
+ * conversation's catch-up done without it: it may have missed what was
+ * stored after its ready frame's id and before the LISTEN was back.
+ */
+void
+bus_catchup_conversation(int64_t conversation_id, int64_t after)
+{
+	bus_catchup_start(BUS_CATCHUP_MESSAGES, conversation_id, after, "");
 }
 
 /* The LISTEN connection answered a ping: `at` is the server's clock. */

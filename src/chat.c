@@ -74,6 +74,8 @@ chat_opened(struct session *s, const char *frame)
 	}
 
 	hub_hold_release(s, last);
+	if (s->bus_ups != bus_ups())
+		bus_catchup_conversation(s->conversation_id, last);
 	ws_event_done(s);
 }
 

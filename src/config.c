@@ -52,6 +52,7 @@ static const char *config_env(const char *);
 static int64_t	config_int(const struct int_setting *);
 static void	config_listen(void);
 static void	config_database(void);
+static void	config_connect_timeout(size_t);
 static void	config_jwt(void);
 static void	config_origins(void);
 static void	config_read_key(const char *, const char *);
@@ -267,6 +268,8 @@ config_database(void)
 		i++;
 	}
 
+	config_connect_timeout(i);
+
 	/* Libpq skips an empty value: the URL's options, if any, and ours. */
 	memcpy(parley_cfg.db_pool_values, parley_cfg.db_values,
 	    i * sizeof(char *));
@@ -279,6 +282,32 @@ config_database(void)
 	parley_cfg.db_pool_values[i] = value;
 
 	PQconninfoFree(opts);
+}
+
+/*
+ * The pool connects asynchronously, where libpq does not apply
+ * connect_timeout: db.c does, as libpq would (seconds, at least 2; none
+ * given, or zero, is PARLEY_DB_TIMEOUT rather than forever).
+ */
+static void
+config_connect_timeout(size_t n)
+{
+	size_t		i;
+	int64_t		seconds;
+
+	parley_cfg.db_connect_timeout_ms = parley_cfg.db_timeout_ms;
+	for (i = 0; i < n; i++) {
+		if (strcmp(parley_cfg.db_keywords[i], "connect_timeout"))
+			continue;
+		if (!util_parse_int64(parley_cfg.db_values[i], INT64_MIN,
+		    INT64_MAX, &seconds) || seconds <= 0)
+			return;
+		if (seconds > 3600)
+			seconds = 3600;
+		parley_cfg.db_connect_timeout_ms =
+		    (seconds < 2 ? 2 : seconds) * 1000;
+		return;
+	}
 }
 
 static void

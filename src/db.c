@@ -40,6 +40,8 @@
 
 #include <sys/types.h>
 
+#include <poll.h>
+
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -72,6 +74,7 @@ struct db_query {
 	void			*arg;
 	u_int64_t		started;
 	int			sent;
+	int			answered;
 };
 
 struct db_conn {
@@ -88,6 +91,8 @@ struct db_conn {
 	int			listen;
 	int			listening;
 	u_int64_t		sent;
+	u_int64_t		connect_started;
+	short			connect_wait;	/* POLLIN or POLLOUT */
 };
 
 TAILQ_HEAD(db_query_list, db_query);
@@ -121,6 +126,7 @@ static int			db_stopping;
 static u_int64_t		db_migrate_backoff;
 static char			*db_statements[DB_STATEMENTS_MAX];
 static int			db_nstatements;
+static struct db_query		*db_placing;	/* in db_query() */
 
 void
 db_init(void)
@@ -254,7 +260,7 @@ struct db_query *
 db_query(const char *sql, int nparams, const char *const *params, db_cb cb,
     void *arg)
 {
-	struct db_query		*q;
+	struct db_query		*q, *outer;
 	int			i;
 
 	if (nparams > DB_PARAMS_MAX)
@@ -279,11 +285,25 @@ db_query(const char *sql, int nparams, const char *const *params, db_cb cb,
 	TAILQ_INSERT_TAIL(&db_queue, q, list);
 	db_queue_len++;
 
+	/*
+	 * A send that fails at once answers the query before we return (the
+	 * failure may take the pool's last connection, and the queue, with
+	 * it): then it is freed here and the caller gets NULL, as for
+	 * "unavailable" above. A callback may call us again: hence outer.
+	 */
+	outer = db_placing;
+	db_placing = q;
 	for (i = 0; i < parley_cfg.db_pool_size; i++) {
 		if (db_conns[i].state == DB_CONN_IDLE) {
 			db_conn_dispatch(&db_conns[i]);
 			break;
 		}
+	}
+	db_placing = outer;
+
+	if (q->answered) {
+		db_query_free(q);
+		return (NULL);
 	}
 
 	return (q);
@@ -350,23 +370,56 @@ db_conn_start(struct db_conn *conn)
 	PQsetNoticeProcessor(conn->pg, db_notice, NULL);
 
 	/* libpq may swap sockets while connecting: poll until it is done. */
+	conn->connect_started = kore_time_ms();
+	conn->connect_wait = POLLOUT;
 	conn->timer = kore_timer_add(db_conn_poll, DB_CONNECT_POLL, conn, 0);
 }
 
+/*
+ * PQconnectPoll is called only once its socket is ready for what it last
+ * asked: called early, libpq takes a TCP connect still under way for done
+ * and then blocks the worker writing to it (for minutes, when packets to
+ * the database are dropped). libpq's connect_timeout does not apply here:
+ * parley_cfg.db_connect_timeout_ms does.
+ */
 static void
 db_conn_poll(void *arg, u_int64_t now)
 {
 	struct db_conn		*conn = arg;
+	struct pollfd		pfd;
+	const char		*why;
 
-	switch (PQconnectPoll(conn->pg)) {
-	case PGRES_POLLING_OK:
-		break;
-	case PGRES_POLLING_FAILED:
+	pfd.fd = PQsocket(conn->pg);
+	pfd.events = conn->connect_wait;
+	pfd.revents = 0;
+	if (pfd.fd != -1 && poll(&pfd, 1, 0) != 1) {
+		if (now - conn->connect_started <
+		    parley_cfg.db_connect_timeout_ms)
+			return;
+		why = "connect timed out";
+	} else {
+		switch (PQconnectPoll(conn->pg)) {
+		case PGRES_POLLING_OK:
+			why = NULL;
+			break;
+		case PGRES_POLLING_READING:
+			conn->connect_wait = POLLIN;
+			return;
+		case PGRES_POLLING_WRITING:
+			conn->connect_wait = POLLOUT;
+			return;
+		case PGRES_POLLING_FAILED:
+			why = PQerrorMessage(conn->pg);
+			break;
+		default:
+			return;
+		}
+	}
+
+	if (why != NULL) {
 		conn->timer->flags |= KORE_TIMER_ONESHOT;
 		conn->timer = NULL;
-		db_conn_fail(conn, PQerrorMessage(conn->pg));
-		return;
-	default:
+		db_conn_fail(conn, why);
 		return;
 	}
 
@@ -759,7 +812,10 @@ db_query_finish(struct db_query *q, PGresult *res, const char *why)
 	if (q->cb != NULL)
 		q->cb(&r, q->arg);
 
-	db_query_free(q);
+	if (q == db_placing)
+		q->answered = 1;
+	else
+		db_query_free(q);
 }
 
 static void

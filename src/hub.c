@@ -297,6 +297,9 @@ hub_deliver(struct session *s, int64_t seq, const u_int8_t *frame, size_t len)
 		return;
 	}
 
+	if (seq <= s->last_seq)
+		return;
+
 	if (s->behind) {
 		if (s->nheld >= HUB_HELD_MAX) {
 			ws_close(s, WS_CLOSE_SLOW, "slow_consumer");
@@ -310,9 +313,6 @@ hub_deliver(struct session *s, int64_t seq, const u_int8_t *frame, size_t len)
 		s->nheld++;
 		return;
 	}
-
-	if (seq <= s->last_seq)
-		return;
 
 	s->last_seq = seq;
 	ws_send_frame(s, frame, len);

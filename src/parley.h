@@ -42,6 +42,7 @@ struct parley_config {
 	const char	**db_pool_values;
 	int		db_pool_size;
 	u_int64_t	db_timeout_ms;
+	u_int64_t	db_connect_timeout_ms;
 
 	int		jwt_alg;
 	unsigned char	*jwt_key;
@@ -185,6 +186,7 @@ struct session {
 
 	int			behind;
 	int64_t			last_seq;
+	u_int64_t		bus_ups;	/* bus_ups() at the open */
 	int64_t			sync_after;
 	int64_t			sync_limit;
 	TAILQ_HEAD(, held_frame) held;
@@ -287,10 +289,12 @@ void	fanout_init(void);
 void	fanout_wake(void);
 
 /* The per-worker LISTEN connection and what it routes (bus.c). */
-void	bus_up(void);
-void	bus_down(void);
-void	bus_alive(const char *);
-void	bus_notify(const char *, size_t);
+void		bus_up(void);
+void		bus_down(void);
+void		bus_alive(const char *);
+void		bus_notify(const char *, size_t);
+u_int64_t	bus_ups(void);
+void		bus_catchup_conversation(int64_t, int64_t);
 
 /* Schema migrations (migrate.c). */
 int	migrate_run(PGconn *);

@@ -139,6 +139,13 @@ ws_handshake(struct http_request *req, int kind, int64_t conversation_id)
 	s->kind = kind;
 	s->conversation_id = conversation_id;
 	s->after = after;
+	/*
+	 * A chat client has every message up to `after`: none of them is held
+	 * for it, and a bus catch-up while it replays starts there
+	 * (hub_conv_low_seq), not at the conversation's start.
+	 */
+	if (kind == SESSION_CHAT && after > 0)
+		s->last_seq = after;
 	s->c = req->owner;
 	TAILQ_INIT(&s->events);
 	TAILQ_INIT(&s->held);
@@ -176,6 +183,7 @@ ws_on_connect(struct connection *c)
 
 	/* Message frames are held back until the ready frame is out. */
 	s->behind = 1;
+	s->bus_ups = bus_ups();
 	hub_add(s);
 
 	batch_open(s);

@@ -432,6 +432,26 @@ class PgProxy:
             self.trigger = needle
             self.cut.clear()
 
+    @contextlib.contextmanager
+    def unreachable(self):
+        """New connections get no answer at all, as when packets to the
+        database are dropped: the listening socket's queue is full, so the
+        kernel drops their SYNs. Connections already made go on."""
+        self.listener.shutdown(socket.SHUT_RDWR)     # ends the accept()
+        self.listener.close()
+        hole = socket.socket()
+        hole.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        hole.bind(("127.0.0.1", self.port))
+        hole.listen(0)
+        filler = socket.create_connection(("127.0.0.1", self.port))
+        try:
+            yield
+        finally:
+            filler.close()
+            hole.close()
+            self.listener = socket.create_server(("127.0.0.1", self.port))
+            threading.Thread(target=self._accept, daemon=True).start()
+
     def _accept(self):
         while True:
             try:

@@ -142,6 +142,14 @@ def chat_on_every_worker(iso, conn):
     return a, b, conv, socks
 
 
+def listening_backends_killed(conn):
+    """Terminate every worker's LISTEN backend (waiting until each is
+    gone); the pools go on. How many there were."""
+    return sql_one(conn, "SELECT count(*) FROM (SELECT pg_terminate_backend("
+                   "pid, 5000) FROM pg_stat_activity WHERE application_name "
+                   "= 'parley' AND query LIKE '%%LISTEN parley%%') t")
+
+
 def stored(conn, conv):
     return sql_rows(conn, "SELECT client_id, id FROM messages WHERE "
                     "conversation_id = %s ORDER BY id", conv)
@@ -658,6 +666,108 @@ def test_send_past_the_timeout_is_rolled_back_not_stored_later(isolated):
     ack, errors = send_until_acked(wa, "slow", "k1", time.time() + 10)
     assert errors == 0
     assert stored(conn, conv) == [("k1", ack["message_id"])]
+    iso.assert_workers_alive()
+
+
+def test_database_that_drops_packets_does_not_stall_the_workers(isolated):
+    """The database becomes unreachable the way a lost route looks: its
+    connections are cut and new ones get no answer at all (SYNs dropped).
+    Every worker keeps answering its sockets (one used to block inside libpq
+    for minutes, writing its startup packet to a TCP connect still under
+    way), gives each connect attempt connect_timeout (3 s), and uses the
+    database again once it answers."""
+    iso = isolated(proxy=True)
+    conn = iso.connect()
+    a, b, conv, socks = chat_on_every_worker(iso, conn)
+    with iso.proxy.unreachable():
+        assert kill_parley_backends(conn, 5000) >= 2 * len(iso.pids)
+        time.sleep(1)                   # every worker is connecting again
+        for w in socks:
+            w.send_raw("not json")
+            f = w.recv_until(lambda f: f["type"] == "error", timeout=5)
+            assert f["code"] == "invalid_json", f
+        wait_for(lambda: iso.srv.output().count("connect timed out") >=
+                 2 * len(iso.pids), 20, 0.2, "every connect given up")
+    iso.wait_ready()
+    ack, errors = send_until_acked(socks[0], "back", "k-back",
+                                   time.time() + 20)
+    assert stored(conn, conv) == [("k-back", ack["message_id"])]
+    iso.assert_workers_alive()
+
+
+def test_catch_up_of_a_socket_still_replaying_starts_at_its_after(isolated):
+    """A chat socket opened with `after` whose replay failed (its client is
+    to ask again) holds live frames back, but none up to its `after`: not
+    the live frames of the 2,100 messages just stored, which may still be
+    arriving, and not a bus catch-up meanwhile (the LISTEN connection
+    replaced), which starts at its `after` rather than at the start of the
+    conversation. Either would fill its held frames (2,048) and close it
+    4029. Its next sync gets what is new."""
+    iso = isolated()
+    conn = iso.connect()
+    a, b = new_id(), new_id()
+    conv = create_conversation(conn, [a, b])
+    cur = conn.cursor()
+    cur.execute("INSERT INTO messages (conversation_id, sender_id, content) "
+                "SELECT %s, %s, 'old ' || g FROM generate_series(1, 2100) g",
+                (conv, a))
+    last = sql_one(conn, "SELECT max(id) FROM messages WHERE "
+                   "conversation_id = %s", conv)
+    with functions_away(conn, "parley_history(bigint, text, bigint, bigint, "
+                        "integer)"):
+        wb = iso.chat(conv, b, "Bob", after=last)
+        f = wb.recv_until(lambda f: f["type"] == "error")
+        assert f["message"] == "the replay failed; try again", f
+    listening = iso.srv.output().count("bus: listening")
+    assert listening_backends_killed(conn) == len(iso.pids)
+    wait_for(lambda: iso.srv.output().count("bus: listening") >=
+             listening + len(iso.pids), 30, 0.1, "every worker listening again")
+    new = sql_message(conn, conv, a, "new")
+    wb.send({"type": "sync", "after": last})
+    synced = wb.recv_type("synced", timeout=15)
+    assert (synced["last_message_id"], synced["has_more"]) == (new, False)
+    assert message_ids(wb, 1) == [new]
+    iso.assert_workers_alive()
+
+
+def test_socket_opening_while_the_bus_comes_back_gets_what_it_missed(isolated):
+    """A chat socket's open takes its ready frame's last_message_id, then
+    the LISTEN connections go down, a message is stored, and they come back
+    (their catch-up is for open sockets only) before the open is answered:
+    the socket is caught up from its ready frame's id, so it gets the
+    message it would otherwise never see live."""
+    iso = isolated()
+    conn = iso.connect()
+    a, b = new_id(), new_id()
+    conv = create_conversation(conn, [a, b])
+    first = sql_message(conn, conv, a, "first")
+    cur = conn.cursor()
+    cur.execute("ALTER FUNCTION parley_chat_open(text, bigint, bigint, text, "
+                "text, integer) RENAME TO parley_chat_open_real")
+    cur.execute("""CREATE FUNCTION parley_chat_open(p_node text, p_socket bigint,
+        p_conv bigint, p_user text, p_name text, p_max integer) RETURNS text
+        LANGUAGE plpgsql AS $$
+        DECLARE v text := parley_chat_open_real(p_node, p_socket, p_conv,
+                                                p_user, p_name, p_max);
+        BEGIN
+            IF p_user = %s THEN PERFORM pg_sleep(4); END IF;
+            RETURN v;
+        END $$""", (b,))
+    listening = iso.srv.output().count("bus: listening")
+    wb = iso.ws("/ws/chat/%d/" % conv, make_token(b, "Bob"))
+    time.sleep(1)                       # the open has its ready frame
+    sql_one(conn, "ALTER ROLE CURRENT_USER NOLOGIN")
+    try:
+        assert listening_backends_killed(conn) == len(iso.pids)
+        missed = sql_message(conn, conv, a, "while the bus was down")
+    finally:
+        sql_one(conn, "ALTER ROLE CURRENT_USER LOGIN")
+    wait_for(lambda: iso.srv.output().count("bus: listening") >=
+             listening + len(iso.pids), 30, 0.1, "every worker listening again")
+    ready = wb.recv()
+    assert (ready["type"], ready["last_message_id"]) == ("ready", first), \
+        ready
+    assert message_ids(wb, 1, timeout=15) == [missed]
     iso.assert_workers_alive()
 
 
