@@ -250,7 +250,8 @@ notification_payload(struct http_request *req, yajl_val v,
 		}
 	}
 
-	json_serialize(out, v);
+	if (!json_serialize(out, v))
+		return (rest_invalid(req, "payload numbers must fit a double"));
 	if (out->offset > NOTIFICATION_PAYLOAD_MAX)
 		return (rest_invalid(req, "payload is larger than 8 KiB"));
 
@@ -275,7 +276,7 @@ notification_disabled(struct http_request *req, yajl_val v,
 			    "^[a-z0-9_.]{1,64}$"));
 	}
 
-	json_serialize(out, v);
+	(void)json_serialize(out, v);		/* strings only */
 	return (KORE_RESULT_OK);
 }
 

@@ -224,8 +224,8 @@ chat_read(struct session *s, yajl_val root)
 	params[1] = s->ident.user_id;
 	params[2] = message_id == -1 ? NULL : id;
 
-	s->query = db_query("SELECT parley_mark_read($1, $2, $3)", 3, params,
-	    chat_read_done, s);
+	ws_query(s, "SELECT parley_mark_read($1, $2, $3)", 3, params,
+	    chat_read_done);
 
 	return (WS_EVENT_WAIT);
 }

@@ -135,8 +135,13 @@ json_utf8_length(const u_int8_t *s, size_t len)
 	return (n);
 }
 
-/* Write a parsed value back out as compact JSON. */
-void
+/*
+ * Write a parsed value back out as compact JSON. Fails on a number no
+ * double holds (1e400, a 400-digit integer): PostgreSQL may refuse it
+ * (jsonb's numeric takes exponents up to 1000 only) and no JavaScript
+ * client could read it.
+ */
+int
 json_serialize(struct kore_buf *buf, yajl_val v)
 {
 	size_t		i;
@@ -148,6 +153,8 @@ json_serialize(struct kore_buf *buf, yajl_val v)
 	} else if (YAJL_IS_FALSE(v)) {
 		kore_buf_append(buf, "false", 5);
 	} else if (YAJL_IS_NUMBER(v)) {
+		if (!YAJL_IS_DOUBLE(v))
+			return (0);
 		kore_buf_appendf(buf, "%s", v->u.number.r);
 	} else if (YAJL_IS_STRING(v)) {
 		json_append_string(buf, v->u.string, strlen(v->u.string));
@@ -156,7 +163,8 @@ json_serialize(struct kore_buf *buf, yajl_val v)
 		for (i = 0; i < v->u.array.len; i++) {
 			if (i > 0)
 				kore_buf_append(buf, ",", 1);
-			json_serialize(buf, v->u.array.values[i]);
+			if (!json_serialize(buf, v->u.array.values[i]))
+				return (0);
 		}
 		kore_buf_append(buf, "]", 1);
 	} else if (YAJL_IS_OBJECT(v)) {
@@ -167,10 +175,13 @@ json_serialize(struct kore_buf *buf, yajl_val v)
 			json_append_string(buf, v->u.object.keys[i],
 			    strlen(v->u.object.keys[i]));
 			kore_buf_append(buf, ":", 1);
-			json_serialize(buf, v->u.object.values[i]);
+			if (!json_serialize(buf, v->u.object.values[i]))
+				return (0);
 		}
 		kore_buf_append(buf, "}", 1);
 	}
+
+	return (1);
 }
 
 /*

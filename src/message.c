@@ -212,11 +212,11 @@ message_metadata(struct message_in *m, yajl_val root)
 		return (KORE_RESULT_OK);
 
 	kore_buf_init(&buf, 256);
-	json_serialize(&buf, md);
-	if (buf.offset > METADATA_MAX) {
+	if (!json_serialize(&buf, md) || buf.offset > METADATA_MAX) {
 		kore_buf_cleanup(&buf);
 		return (message_fail(m, "invalid_payload",
-		    "metadata is at most 2 KiB"));
+		    "metadata is at most 2 KiB of JSON whose numbers fit a "
+		    "double"));
 	}
 
 	m->metadata = kore_strdup(kore_buf_stringify(&buf, NULL));

@@ -70,8 +70,8 @@ notify_read(struct session *s, yajl_val root, int all)
 	params[0] = s->ident.user_id;
 
 	if (all) {
-		s->query = db_query("SELECT parley_read_all_notifications($1)",
-		    1, params, notify_read_done, s);
+		ws_query(s, "SELECT parley_read_all_notifications($1)", 1,
+		    params, notify_read_done);
 		return (WS_EVENT_WAIT);
 	}
 
@@ -82,8 +82,8 @@ notify_read(struct session *s, yajl_val root, int all)
 
 	(void)snprintf(id, sizeof(id), "%lld", (long long)nid);
 	params[1] = id;
-	s->query = db_query("SELECT parley_read_notification($1, $2)", 2,
-	    params, notify_read_done, s);
+	ws_query(s, "SELECT parley_read_notification($1, $2)", 2, params,
+	    notify_read_done);
 
 	return (WS_EVENT_WAIT);
 }

@@ -234,6 +234,8 @@ void	ws_event_done(struct session *);
 void	ws_opened(struct session *, int, const char *, const char *,
 	    const char *);
 void	ws_sync(struct session *, int64_t, int64_t);
+void	ws_query(struct session *, const char *, int, const char *const *,
+	    db_cb);
 int	ws_int_field(yajl_val, const char *, int64_t, int64_t, int64_t *);
 
 /* The chat socket's events (chat.c) and the notification socket's (notify.c). */
@@ -301,7 +303,7 @@ int	migrate_run(PGconn *);
 
 /* JSON helpers (json.c). */
 void	json_append_string(struct kore_buf *, const char *, size_t);
-void	json_serialize(struct kore_buf *, yajl_val);
+int	json_serialize(struct kore_buf *, yajl_val);
 yajl_val	json_parse(const void *, size_t);
 int	json_has_nul(const void *, size_t);
 int	json_utf8_valid(const u_int8_t *, size_t);

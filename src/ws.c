@@ -99,7 +99,7 @@ int
 ws_handshake(struct http_request *req, int kind, int64_t conversation_id)
 {
 	struct session	*s;
-	const char	*key;
+	const char	*key, *version;
 	char		buf[32];
 	int64_t		after;
 
@@ -128,10 +128,18 @@ ws_handshake(struct http_request *req, int kind, int64_t conversation_id)
 		return (KORE_RESULT_OK);
 	}
 
-	if (!http_request_header(req, "sec-websocket-key", &key)) {
+	/*
+	 * What kore_websocket_handshake refuses, refused here first: it would
+	 * answer a bare 400 and leave the connection, kept alive, with a
+	 * session nobody frees.
+	 */
+	if (!http_request_header(req, "sec-websocket-key", &key) ||
+	    !http_request_header(req, "sec-websocket-version", &version) ||
+	    strcmp(version, "13")) {
 		metrics_rejected(METRICS_REJECT_BAD_REQUEST);
+		http_response_header(req, "sec-websocket-version", "13");
 		rest_error(req, HTTP_STATUS_BAD_REQUEST, "invalid_payload",
-		    "this is a WebSocket endpoint");
+		    "this is a WebSocket endpoint (version 13)");
 		return (KORE_RESULT_OK);
 	}
 
@@ -218,6 +226,10 @@ ws_opened(struct session *s, int status, const char *ready, const char *code,
 	s->registered = 1;
 	s->state = SESSION_OPEN;
 	ws_send(s, ready, strlen(ready));
+
+	/* The write found the connection gone: the session is on its way out. */
+	if (s->state != SESSION_OPEN)
+		return;
 
 	if (s->kind == SESSION_CHAT)
 		chat_opened(s, ready);
@@ -459,6 +471,21 @@ ws_error(struct session *s, const char *code, const char *message,
 }
 
 /* The event that was waiting on a query is done: take the next one. */
+/*
+ * The socket's query. Its callback may run before db_query returns (the
+ * database failed at once) and start the next event's query: s->query is
+ * then that one's, not overwritten.
+ */
+void
+ws_query(struct session *s, const char *sql, int nparams,
+    const char *const *params, db_cb cb)
+{
+	struct db_query		*q;
+
+	if ((q = db_query(sql, nparams, params, cb, s)) != NULL)
+		s->query = q;
+}
+
 void
 ws_event_done(struct session *s)
 {
@@ -508,6 +535,7 @@ ws_run_loop(u_int64_t deadline, int (*busy)(void))
 	}
 }
 
+/* A closed socket's queued events will never run: nothing to wait for. */
 static int
 ws_sends_pending(void)
 {
@@ -515,7 +543,7 @@ ws_sends_pending(void)
 
 	TAILQ_FOREACH(s, &ws_sessions, all_list) {
 		if (s->query != NULL || s->batch_item != NULL ||
-		    !TAILQ_EMPTY(&s->events))
+		    (s->state == SESSION_OPEN && !TAILQ_EMPTY(&s->events)))
 			return (1);
 	}
 
@@ -691,14 +719,14 @@ ws_sync(struct session *s, int64_t after, int64_t limit)
 		(void)snprintf(key, sizeof(key), "%lld",
 		    (long long)s->conversation_id);
 		params[0] = key;
-		s->query = db_query("SELECT * FROM "
+		ws_query(s, "SELECT * FROM "
 		    "parley_history($1, NULL, NULL, $2, $3)", 3, params,
-		    ws_synced, s);
+		    ws_synced);
 	} else {
 		params[0] = s->ident.user_id;
-		s->query = db_query("SELECT id, frame FROM "
+		ws_query(s, "SELECT id, frame FROM "
 		    "parley_notification_sync($1, $2, $3)", 3, params,
-		    ws_synced, s);
+		    ws_synced);
 	}
 }
 

@@ -387,6 +387,26 @@ def test_non_numeric_id_is_http_404(server, pair):
     assert r.json()["error"]["code"] == "not_found"
 
 
+def test_upgrade_kore_would_refuse_gets_the_json_error(server, pair):
+    """A WebSocket upgrade without version 13 (or without a key) is refused
+    with the JSON error object and the version the server speaks, on a
+    connection that stays usable (no session is left behind on it)."""
+    conv, (a, b), (na, nb) = pair
+    token = make_token(a, na)
+    with requests.Session() as http:
+        for headers in ({"Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+                         "Sec-WebSocket-Version": "8"},
+                        {"Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="},
+                        {"Sec-WebSocket-Version": "13"}):
+            headers.update({"Upgrade": "websocket", "Connection": "Upgrade",
+                            "Authorization": "Bearer " + token})
+            r = http.get(server.base + chat_path(conv), headers=headers,
+                         timeout=10)
+            assert r.status_code == 400, (headers, r.text)
+            assert r.json()["error"]["code"] == "invalid_payload", r.text
+            assert r.headers["sec-websocket-version"] == "13"
+
+
 def test_trailing_slash_optional(server, sockets, pair):
     conv, (a, b), (na, nb) = pair
     ws = sockets(server, chat_path(conv, slash=False), make_token(a, na))
@@ -573,6 +593,11 @@ def test_invalid_payload(server, conn, sockets, pair):
           "metadata": {"url": "files/x"}, "client_id": "p-16"}, "p-16"),
         ({"type": "message", "message_type": "FILE", "metadata": None,
           "client_id": "p-17"}, "p-17"),
+        # numbers no double holds (jsonb could not store 1e2000)
+        ('{"type":"message","content":"x","metadata":{"n":1e2000},'
+         '"client_id":"p-20"}', "p-20"),
+        ('{"type":"message","message_type":"LOCATION","content":"",'
+         '"metadata":{"lat":1e-400,"lng":0},"client_id":"p-21"}', "p-21"),
         # unknown message type, in the forms that name one
         ({"type": "message", "content": "x", "message_type": "VIDEO",
           "client_id": "p-18"}, "p-18"),

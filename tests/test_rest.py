@@ -1407,6 +1407,24 @@ def test_payload_limit(server):
     u = User()
     n = notify(server, u.id, "big", {"k": "v" * 7000})
     assert len(n["k"]) == 7000
+    # 8 KiB of compact JSON, however many members: PostgreSQL's jsonb text
+    # (a space after each ':' and ',') is 400 bytes longer here
+    payload = {"k%03d" % i: "x" * 30 for i in range(200)}
+    compact = len(json.dumps(payload, separators=(",", ":")))
+    payload["k199"] += "x" * (8192 - compact)
+    assert len(json.dumps(payload, separators=(",", ":"))) == 8192
+    assert notify(server, u.id, "many", payload)["k199"] == payload["k199"]
+    payload["k199"] += "x"
+    error(api(server, "POST", "/api/notifications", SERVICE,
+              {"user_id": u.id, "type": "many", "payload": payload}),
+          400, "invalid_payload")
+    # a number no double holds: jsonb could not store 1e2000
+    for number in ("1e400", "1e2000", "1e-400"):
+        body = '{"user_id":%s,"type":"n","payload":{"x":%s}}' % (
+            json.dumps(u.id), number)
+        error(api(server, "POST", "/api/notifications", SERVICE, data=body,
+                  headers={"Content-Type": "application/json"}),
+              400, "invalid_payload")
 
 
 def test_notification_list_pages_and_filters(server):
