@@ -473,8 +473,14 @@ declare
     v_rows bigint[];
     v_done boolean := false;
 begin
-    for v_conv in select distinct conversation_id from parley_fanout
-                   order by conversation_id limit 64 loop
+    -- The 64 conversations waiting longest (the 64 lowest ids, always busy,
+    -- could hold the others back for good), taken in id order: the order
+    -- in which parley_read_all_notifications locks a user's rows.
+    for v_conv in select o.conversation_id
+                    from (select f.conversation_id from parley_fanout f
+                           group by f.conversation_id
+                           order by min(f.id) limit 64) o
+                   order by o.conversation_id loop
         continue when not pg_try_advisory_xact_lock(hashtext('parley-fanout'),
                                                     (v_conv % 2147483647)::integer);
         v_rows := array(select id from parley_fanout

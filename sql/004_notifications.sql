@@ -259,8 +259,15 @@ as $$
 declare
     v_unread integer;
 begin
-    update notifications set read_at = clock_timestamp()
-     where user_id = p_user and read_at is null;
+    -- Rows locked by conversation, the order in which a send or a drain
+    -- that collapses several of the user's conversations takes them (by id,
+    -- the two could deadlock).
+    update notifications n set read_at = clock_timestamp()
+      from (select id from notifications
+             where user_id = p_user and read_at is null
+             order by conversation_id, id
+               for update) x
+     where n.id = x.id;
     v_unread := parley_unread_notifications(p_user);   -- 0 unless one arrived meanwhile
     perform parley_emit_notifications_read(p_user, to_json('all'::text), v_unread);
     return json_build_object('unread_notifications', v_unread)::text;

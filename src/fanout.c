@@ -34,6 +34,7 @@
 
 #define FANOUT_SWEEP_MS		1000
 #define FANOUT_PACE_MS		100
+#define FANOUT_WORKER_ID	1	/* Kore numbers its workers from 1 */
 
 static void	fanout_sweep(void *, u_int64_t);
 static void	fanout_paced(void *, u_int64_t);
@@ -49,7 +50,7 @@ static u_int64_t	fanout_started;
 void
 fanout_init(void)
 {
-	if (worker->id != KORE_WORKER_BASE)
+	if (worker->id != FANOUT_WORKER_ID)
 		return;
 	fanout_enabled = 1;
 	(void)kore_timer_add(fanout_sweep, FANOUT_SWEEP_MS, NULL, 0);

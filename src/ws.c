@@ -205,6 +205,10 @@ void
 ws_opened(struct session *s, int status, const char *ready, const char *code,
     const char *message)
 {
+	/* Closed while opening (hub_conversation_close): stays closed. */
+	if (s->state == SESSION_CLOSED)
+		return;
+
 	if (status != HTTP_STATUS_OK) {
 		switch (status) {
 		case HTTP_STATUS_NOT_FOUND:

@@ -519,7 +519,8 @@ class Isolated:
     def start(self):
         self.srv.start()
         self.pids = self.srv.worker_pids()
-        assert len(self.pids) == 2, self.pids
+        assert len(self.pids) == int(self.srv.env.get("PARLEY_WORKERS")), \
+            self.pids
         return self
 
     def connect(self):

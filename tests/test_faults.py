@@ -771,6 +771,23 @@ def test_socket_opening_while_the_bus_comes_back_gets_what_it_missed(isolated):
     iso.assert_workers_alive()
 
 
+def test_one_worker_drains_big_conversations(isolated):
+    """PARLEY_WORKERS=1: the one worker drains the queued notifications of
+    a big conversation (the drain runs on the first worker, which Kore
+    numbers 1, not KORE_WORKER_BASE; with one worker nothing drained)."""
+    iso = isolated(PARLEY_WORKERS="1")
+    conn = iso.connect()
+    members = [new_id() for _ in range(40)]
+    conv = create_conversation(conn, members)
+    sql_message(conn, conv, members[0], "to everyone")
+    wait_for(lambda: sql_one(conn, "SELECT count(*) FROM notifications "
+                             "WHERE conversation_id = %s", conv) == 39,
+             15, 0.1, "every other member's notification written")
+    assert sql_one(conn, "SELECT count(*) FROM parley_fanout WHERE "
+                   "conversation_id = %s", conv) == 0
+    iso.assert_workers_alive()
+
+
 def test_database_stopped_then_started(isolated):
     iso = isolated()
     conn = iso.connect()
