@@ -464,6 +464,12 @@ $$;
 -- advisory lock; the others skip it), its rows in order; a row is seen once
 -- its sender committed, whose commit also wakes the drains. True when it did
 -- something (call again), false when there was nothing it could take.
+-- A conversation's key in the advisory locks taken per conversation: the
+-- drains' 'parley-fanout' and the readers' 'parley-read'.
+create or replace function parley_conversation_key(p_conversation bigint) returns integer
+language sql immutable
+as $$ select (p_conversation % 2147483647)::integer $$;
+
 create or replace function parley_fanout_drain() returns boolean
 language plpgsql
 set search_path from current
@@ -482,12 +488,19 @@ begin
                            order by min(f.id) limit 64) o
                    order by o.conversation_id loop
         continue when not pg_try_advisory_xact_lock(hashtext('parley-fanout'),
-                                                    (v_conv % 2147483647)::integer);
+                                                    parley_conversation_key(v_conv));
         v_rows := array(select id from parley_fanout
                          where conversation_id = v_conv
                          order by id
                            for update skip locked);
         continue when cardinality(v_rows) = 0;
+        -- A read of the conversation in progress commits first, so that the
+        -- collapse below sees how far its reader got; a read that comes
+        -- later waits for this commit, and then marks what it wrote
+        -- (parley_mark_read). Else a read between the two would leave a
+        -- notification unread for a message already read.
+        perform pg_advisory_xact_lock(hashtext('parley-read'),
+                                      parley_conversation_key(v_conv));
         perform parley_collapse_notifications(array(
             select m from parley_fanout f
               join messages m on m.conversation_id = f.conversation_id
@@ -677,6 +690,11 @@ begin
     if v_pos > v_old then
         perform parley_emit('e', 0, p_conversation, null,
                             parley_read_receipt_json(p_conversation, p_user, v_pos, v_now));
+
+        -- After a drain writing this conversation's notifications, or before
+        -- it (parley_fanout_drain).
+        perform pg_advisory_xact_lock_shared(hashtext('parley-read'),
+                                             parley_conversation_key(p_conversation));
 
         -- Only once the reader has reached the message it stands for: a read
         -- of an older message leaves it unread, as the unread count does.

@@ -43,6 +43,20 @@ begin
     exception when others then
         null;                   -- answered one by one below, errors included
     end;
+
+    -- One by one, a send by u after someone else's to u would lock u's
+    -- notification before u's participant row, the order parley_mark_read
+    -- takes them in reverse: lock the conversations and the senders' rows
+    -- first, in the order every writer takes them.
+    perform 1 from conversations
+     where id in (select i.c from parley_batch_items(p_batch) i)
+     order by id
+       for no key update;
+    perform 1 from participants p
+     where (p.conversation_id, p.user_id) in
+           (select i.c, i.s from parley_batch_items(p_batch) i)
+     order by p.conversation_id, p.user_id
+       for no key update;
     return query select * from parley_batch_each('send', p_batch);
 end
 $$;

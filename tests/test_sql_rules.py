@@ -563,7 +563,7 @@ def hold_fanout(pg, conv):
     on this database: this keeps them off conv until the connection closes;
     drains on this connection still work, the lock being its own)."""
     c = connect(pg, autocommit=True)
-    one(c, "select pg_advisory_lock(hashtext('parley-fanout'), %s)", conv % 2147483647)
+    one(c, "select pg_advisory_lock(hashtext('parley-fanout'), parley_conversation_key(%s))", conv)
     return c
 
 
@@ -630,6 +630,77 @@ def test_fanout_drain_never_holds_up_a_sender(pg, conn):
     assert rows(conn, "select count, (payload->'message'->>'id')::bigint "
                       "from notifications where conversation_id = %s and user_id = %s",
                 conv, members[2]) == [(2, late)]
+
+
+def test_a_read_and_a_drain_at_once_leave_no_read_message_notified(pg, conn):
+    """The drain writes a big conversation's notifications from a snapshot:
+    a read committed after it was taken, and before the drain's commit,
+    found nothing to mark and left the drain's notification unread for a
+    message already read. Each now waits for the other."""
+    members = touch(conn, *["D%d" % i for i in range(40)])
+    a, c = members[:2]
+    conv = create(conn, a, members)["conversation"]["id"]
+    read = "select parley_mark_read(%s, %s, null)"
+    holder = hold_fanout(pg, conv)
+    reader = connect(pg)
+    try:
+        # the drain first: the read waits for its commit, then marks it
+        m1 = insert_message(conn, conv, a, "one")
+        one(holder, "begin")
+        assert one(holder, "select parley_fanout_drain()") is True
+        box = run_in_thread(lambda r: call_json(r, read, conv, c), reader)
+        wait_blocked(conn, reader.get_backend_pid())
+        one(holder, "commit")
+        assert finish(box)["message_id"] == m1
+        reader.commit()
+        # the read first: the drain waits for it, then writes the one it
+        # would have notified as read
+        m2 = insert_message(conn, conv, a, "two")
+        assert call_json(reader, read, conv, c)["message_id"] == m2
+        box = run_in_thread(lambda h: one(h, "select parley_fanout_drain()"), holder)
+        wait_blocked(conn, holder.get_backend_pid())
+        reader.commit()
+        assert finish(box) is True
+    finally:
+        holder.close()
+        reader.close()
+    assert rows(conn, "select (payload->'message'->>'id')::bigint, read_at is not null "
+                      "from notifications where conversation_id = %s and user_id = %s "
+                      "order by id", conv, c) == [(m1, True), (m2, True)]
+    assert one(conn, "select parley_unread_notifications(%s)", c) == 0
+
+
+def test_a_batch_one_by_one_takes_a_readers_locks_in_its_order(pg, conn):
+    """A batch the single insert refuses goes one send at a time: a send to
+    b, then b's own, locked b's notification and then b's participant row;
+    a read (parley_mark_read: the row, then the notification) in between
+    deadlocked with it. The batch now locks its senders' rows first."""
+    a, b = touch(conn, "Ana", "Bob")
+    conv, other = [create(conn, a, [a, b], kind="job", ref=str(i))["conversation"]["id"]
+                   for i in range(2)]
+    insert_message(conn, conv, a, "unread by b")
+    items = [{"c": conv, "s": a, "t": "TEXT", "b": "to b"},
+             {"c": conv, "s": b, "t": "TEXT", "b": "from b"},
+             {"c": other, "s": a, "t": "BOGUS", "b": "goes one by one"}]
+    reader, writer = connect(pg), connect(pg)
+    try:
+        # a read's steps, the row first
+        one(reader, "select 1 from participants where conversation_id = %s "
+                    "and user_id = %s for update", conv, b)
+        box = run_in_thread(lambda w: batch(w, "parley_post_messages", items), writer)
+        wait_blocked(conn, writer.get_backend_pid())
+        one(reader, "set local lock_timeout = '3s'")
+        one(reader, "update notifications set read_at = now() where user_id = %s "
+                    "and conversation_id = %s and read_at is null", b, conv)
+        reader.commit()
+        got = finish(box)
+        writer.commit()
+    finally:
+        reader.close()
+        writer.close()
+    assert [got[i][0] for i in range(3)] == [200, 200, 400]
+    assert rows(conn, "select content from messages where conversation_id = %s "
+                      "order by id", conv) == [("unread by b",), ("to b",), ("from b",)]
 
 
 def history_page(conn, *args):
