@@ -141,9 +141,14 @@ bus_up(void)
 	bus_paused++;
 	for (conv = hub_conv_first(); conv != NULL;
 	    conv = hub_conv_next(conv)) {
-		if ((low = hub_conv_low_seq(conv)) >= 0) {
+		if (!hub_conv_open(conv, &low))
+			continue;
+		if (low >= 0) {
 			bus_catchup_start(BUS_CATCHUP_MESSAGES,
 			    hub_conv_id(conv), low, bus_alive_at);
+		} else if (bus_alive_at[0] != '\0') {
+			bus_catchup_start(BUS_CATCHUP_STATE,
+			    hub_conv_id(conv), 0, bus_alive_at);
 		}
 	}
 
@@ -165,17 +170,6 @@ u_int64_t
 bus_ups(void)
 {
 	return (bus_up_count);
-}
-
-/*
- * A chat socket whose open was answered after the LISTEN came back, its
- * conversation's catch-up done without it: it may have missed what was
- * stored after its ready frame's id and before the LISTEN was back.
- */
-void
-bus_catchup_conversation(int64_t conversation_id, int64_t after)
-{
-	bus_catchup_start(BUS_CATCHUP_MESSAGES, conversation_id, after, "");
 }
 
 /* The LISTEN connection answered a ping: `at` is the server's clock. */
@@ -264,11 +258,11 @@ bus_route(struct bus_parsed *p)
 {
 	switch (p->kind) {
 	case 'm':
-		hub_conversation(p->conv, p->seq, NULL, 0, p->json,
+		hub_conversation(p->conv, p->seq, -1, NULL, 0, p->json,
 		    p->json_len);
 		break;
 	case 'e':
-		hub_conversation(p->conv, 0, p->uid, p->uid_len, p->json,
+		hub_conversation(p->conv, 0, -1, p->uid, p->uid_len, p->json,
 		    p->json_len);
 		break;
 	case 'n':
@@ -547,7 +541,7 @@ bus_catchup_messages(struct bus_catchup *cu, PGresult *res)
 		if (!util_parse_int64(PQgetvalue(res, i, 0), 1, INT64_MAX,
 		    &id))
 			continue;
-		hub_conversation(cu->conversation_id, id, NULL, 0,
+		hub_conversation(cu->conversation_id, id, cu->after, NULL, 0,
 		    PQgetvalue(res, i, 1), PQgetlength(res, i, 1));
 	}
 
@@ -567,7 +561,7 @@ bus_catchup_state(struct bus_catchup *cu, PGresult *res)
 	int		i;
 
 	for (i = 0; i < PQntuples(res); i++) {
-		hub_conversation(cu->conversation_id, 0, PQgetvalue(res, i, 0),
+		hub_conversation(cu->conversation_id, 0, -1, PQgetvalue(res, i, 0),
 		    PQgetlength(res, i, 0), PQgetvalue(res, i, 1),
 		    PQgetlength(res, i, 1));
 	}

@@ -30,6 +30,7 @@
 
 #define TYPING_EXPIRE_MS	6000
 #define TYPING_RELAY_MS		1000
+#define CHAT_CATCHUP_LIMIT	500
 
 int	ws_chat(struct http_request *);
 
@@ -40,6 +41,8 @@ static void	chat_read_done(struct db_result *, void *);
 static int	chat_typing(struct session *, yajl_val);
 static void	chat_emit_typing(struct session *, int);
 static const char *chat_error_code(int, const char *);
+static void	chat_catch_up(struct session *, int64_t);
+static void	chat_caught_up(struct db_result *, void *);
 
 int
 ws_chat(struct http_request *req)
@@ -73,10 +76,85 @@ chat_opened(struct session *s, const char *frame)
 		return;
 	}
 
+	chat_go_live(s, last);
+}
+
+/*
+ * The socket has every message up to `last` (its ready frame, or its
+ * replay): send what was held back meanwhile and go live. Unless the
+ * LISTEN came back since that was asked: what was stored in between and
+ * before the LISTEN was back reached no socket here, and the catch-up of
+ * the conversation (bus_up) is for sockets already live. It is fetched
+ * first, live frames still held back.
+ */
+void
+chat_go_live(struct session *s, int64_t last)
+{
+	if (s->bus_ups != bus_ups()) {
+		chat_catch_up(s, last);
+		return;
+	}
+
 	hub_hold_release(s, last);
-	if (s->bus_ups != bus_ups())
-		bus_catchup_conversation(s->conversation_id, last);
 	ws_event_done(s);
+}
+
+static void
+chat_catch_up(struct session *s, int64_t after)
+{
+	const char	*params[3];
+	char		conv[24], a[24], limit[16];
+
+	s->bus_ups = bus_ups();
+	s->sync_after = after;
+
+	(void)snprintf(conv, sizeof(conv), "%lld",
+	    (long long)s->conversation_id);
+	(void)snprintf(a, sizeof(a), "%lld", (long long)after);
+	(void)snprintf(limit, sizeof(limit), "%d", CHAT_CATCHUP_LIMIT);
+	params[0] = conv;
+	params[1] = a;
+	params[2] = limit;
+
+	ws_query(s, "SELECT id, frame FROM parley_catchup($1, $2, $3)", 3,
+	    params, chat_caught_up);
+}
+
+/* A full page: there may be more. Unobtainable: its client comes back. */
+static void
+chat_caught_up(struct db_result *r, void *arg)
+{
+	struct session	*s = arg;
+	int64_t		id, last;
+	int		i, n;
+
+	s->query = NULL;
+	if (!r->ok || PQnfields(r->res) != 2) {
+		ws_close(s, WS_CLOSE_TRY_AGAIN, "try_again_later");
+		return;
+	}
+
+	last = s->sync_after;
+	n = PQntuples(r->res);
+	for (i = 0; i < n && s->state == SESSION_OPEN; i++) {
+		if (!util_parse_int64(PQgetvalue(r->res, i, 0), 1, INT64_MAX,
+		    &id))
+			continue;
+		last = id;
+		if (id > s->last_seq) {
+			s->last_seq = id;
+			ws_send(s, PQgetvalue(r->res, i, 1),
+			    PQgetlength(r->res, i, 1));
+		}
+	}
+
+	if (s->state != SESSION_OPEN)
+		return;
+
+	if (n == CHAT_CATCHUP_LIMIT)
+		chat_catch_up(s, last);
+	else
+		chat_go_live(s, last);
 }
 
 int

@@ -115,10 +115,17 @@ hub_remove(struct session *s)
  * An event for a conversation's sockets. seq > 0 marks a message (ordered,
  * deduplicated, held back during replays); exclude names a user whose
  * sockets must not get it (the typist).
+ *
+ * from >= 0: a message of a bus catch-up's page, which has every message
+ * after `from`: only for live sockets that have every one up to it, else
+ * it would leave a gap before it. A socket that went live since the page
+ * was asked, or is still opening or replaying, has (or will have) every
+ * message up to a moment after the LISTEN came back (chat_go_live): the
+ * rest reaches it live.
  */
 void
-hub_conversation(int64_t conv_id, int64_t seq, const char *exclude,
-    size_t exclude_len, const char *json, size_t len)
+hub_conversation(int64_t conv_id, int64_t seq, int64_t from,
+    const char *exclude, size_t exclude_len, const char *json, size_t len)
 {
 	struct hub_conv		*conv;
 	struct session		*s, *next;
@@ -135,6 +142,9 @@ hub_conversation(int64_t conv_id, int64_t seq, const char *exclude,
 		if (exclude_len > 0 &&
 		    strlen(s->ident.user_id) == exclude_len &&
 		    !memcmp(s->ident.user_id, exclude, exclude_len))
+			continue;
+		if (from >= 0 && (s->state != SESSION_OPEN || s->behind ||
+		    s->last_seq < from))
 			continue;
 		hub_deliver(s, seq, hub_frame.data, hub_frame.offset);
 	}
@@ -249,20 +259,29 @@ hub_hold_drop(struct session *s)
 	s->nheld = 0;
 }
 
-/* The oldest message id any socket of this conversation has had. */
-int64_t
-hub_conv_low_seq(struct hub_conv *conv)
+/*
+ * Whether a socket of this conversation is open; *low: the oldest message
+ * id a live one has had, -1 for none. A socket still replaying is left
+ * out: a bus catch-up is not for it (hub_conversation), and counting it
+ * could take the catch-up back to the start of the conversation.
+ */
+int
+hub_conv_open(struct hub_conv *conv, int64_t *low)
 {
 	struct session	*s;
-	int64_t		low;
+	int		open;
 
-	low = -1;
+	open = 0;
+	*low = -1;
 	TAILQ_FOREACH(s, &conv->sessions, conv_list) {
-		if (s->state == SESSION_OPEN && (low == -1 || s->last_seq < low))
-			low = s->last_seq;
+		if (s->state != SESSION_OPEN)
+			continue;
+		open = 1;
+		if (!s->behind && (*low == -1 || s->last_seq < *low))
+			*low = s->last_seq;
 	}
 
-	return (low);
+	return (open);
 }
 
 struct hub_conv *

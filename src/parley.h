@@ -186,7 +186,7 @@ struct session {
 
 	int			behind;
 	int64_t			last_seq;
-	u_int64_t		bus_ups;	/* bus_ups() at the open */
+	u_int64_t		bus_ups;	/* bus_ups() when open or replay asked */
 	int64_t			sync_after;
 	int64_t			sync_limit;
 	TAILQ_HEAD(, held_frame) held;
@@ -240,6 +240,7 @@ int	ws_int_field(yajl_val, const char *, int64_t, int64_t, int64_t *);
 
 /* The chat socket's events (chat.c) and the notification socket's (notify.c). */
 void	chat_opened(struct session *, const char *);
+void	chat_go_live(struct session *, int64_t);
 void	chat_typing_expired(struct session *);
 void	chat_sent(struct session *, int, const char *, const char *,
 	    const char *);
@@ -257,7 +258,7 @@ int	notify_event(struct session *, const char *, yajl_val, u_int64_t);
 void	hub_init(void);
 void	hub_add(struct session *);
 void	hub_remove(struct session *);
-void	hub_conversation(int64_t, int64_t, const char *, size_t,
+void	hub_conversation(int64_t, int64_t, int64_t, const char *, size_t,
 	    const char *, size_t);
 void	hub_user(const char *, size_t, const char *, size_t);
 void	hub_conversation_close(int64_t);
@@ -265,7 +266,7 @@ void	hub_user_close(const char *, size_t);
 void	hub_notify_users(void (*)(const char *, void *), void *);
 void	hub_hold_release(struct session *, int64_t);
 void	hub_hold_drop(struct session *);
-int64_t	hub_conv_low_seq(struct hub_conv *);
+int	hub_conv_open(struct hub_conv *, int64_t *);
 struct hub_conv	*hub_conv_first(void);
 struct hub_conv	*hub_conv_next(struct hub_conv *);
 int64_t	hub_conv_id(struct hub_conv *);
@@ -296,7 +297,6 @@ void		bus_down(void);
 void		bus_alive(const char *);
 void		bus_notify(const char *, size_t);
 u_int64_t	bus_ups(void);
-void		bus_catchup_conversation(int64_t, int64_t);
 
 /* Schema migrations (migrate.c). */
 int	migrate_run(PGconn *);

@@ -149,8 +149,7 @@ ws_handshake(struct http_request *req, int kind, int64_t conversation_id)
 	s->after = after;
 	/*
 	 * A chat client has every message up to `after`: none of them is held
-	 * for it, and a bus catch-up while it replays starts there
-	 * (hub_conv_low_seq), not at the conversation's start.
+	 * for it (thousands may still be arriving live as it opens).
 	 */
 	if (kind == SESSION_CHAT && after > 0)
 		s->last_seq = after;
@@ -705,6 +704,7 @@ ws_sync(struct session *s, int64_t after, int64_t limit)
 		limit = WS_SYNC_MAX;
 
 	s->behind = 1;
+	s->bus_ups = bus_ups();
 	s->sync_after = after;
 	s->sync_limit = limit;
 
@@ -776,10 +776,14 @@ ws_synced(struct db_result *r, void *arg)
 	kore_buf_cleanup(&buf);
 
 	/* With more to come the client asks again; held frames would repeat. */
-	if (more)
+	if (more) {
 		hub_hold_drop(s);
-	else
-		hub_hold_release(s, s->kind == SESSION_CHAT ? last : 0);
+	} else if (s->kind == SESSION_CHAT) {
+		chat_go_live(s, last);
+		return;
+	} else {
+		hub_hold_release(s, 0);
+	}
 
 	ws_event_done(s);
 }

@@ -150,6 +150,71 @@ def listening_backends_killed(conn):
                    "= 'parley' AND query LIKE '%%LISTEN parley%%') t")
 
 
+@contextlib.contextmanager
+def listen_cut_off(iso, conn):
+    """Every worker's LISTEN connection killed, and none back (the role
+    may not log in) until the block ends, its pool connections untouched;
+    then every worker listening again."""
+    listening = iso.srv.output().count("bus: listening")
+    sql_one(conn, "ALTER ROLE CURRENT_USER NOLOGIN")
+    try:
+        assert listening_backends_killed(conn) == len(iso.pids)
+        yield
+    finally:
+        sql_one(conn, "ALTER ROLE CURRENT_USER LOGIN")
+    wait_for(lambda: iso.srv.output().count("bus: listening") >=
+             listening + len(iso.pids), 30, 0.1, "every worker listening again")
+
+
+@contextlib.contextmanager
+def sql_function_wrapped(conn, name, params, returns, body, *args):
+    """The SQL function name(params) replaced, until the block ends, by a
+    PL/pgSQL one: body (its %s filled with args), which may call the
+    real one as name_real."""
+    types = ", ".join(p.split()[1] for p in params.split(", "))
+    cur = conn.cursor()
+    cur.execute("ALTER FUNCTION %s(%s) RENAME TO %s_real" % (name, types, name))
+    cur.execute("CREATE FUNCTION %s(%s) RETURNS %s LANGUAGE plpgsql AS $$ %s $$"
+                % (name, params, returns, body), args)
+    try:
+        yield
+    finally:
+        cur.execute("DROP FUNCTION %s(%s)" % (name, types))
+        cur.execute("ALTER FUNCTION %s_real(%s) RENAME TO %s" % (name, types, name))
+
+
+def replays_slowed(conn, conv, seconds):
+    """Replays (sync) of conv answered `seconds` after their page was read:
+    a socket replaying meanwhile stays behind that long."""
+    return sql_function_wrapped(
+        conn, "parley_history", "p_conversation bigint, p_viewer text, "
+        "p_before bigint, p_after bigint, p_limit integer",
+        "TABLE (id bigint, conversation_id bigint, sender_id text, "
+        "sender_name text, content text, type text, metadata text, "
+        "client_id text, ts text, is_read boolean, extra boolean)", """
+        BEGIN
+            RETURN QUERY SELECT * FROM parley_history_real(p_conversation,
+                p_viewer, p_before, p_after, p_limit);
+            IF p_conversation = %s AND p_viewer IS NULL THEN
+                PERFORM pg_sleep(%s);
+            END IF;
+        END""", conv, seconds)
+
+
+def opens_slowed(conn, user, seconds):
+    """A chat socket of user answered `seconds` after its ready frame was
+    read."""
+    return sql_function_wrapped(
+        conn, "parley_chat_open", "p_node text, p_socket bigint, "
+        "p_conv bigint, p_user text, p_name text, p_max integer", "text", """
+        DECLARE v text := parley_chat_open_real(p_node, p_socket, p_conv,
+                                                p_user, p_name, p_max);
+        BEGIN
+            IF p_user = %s THEN PERFORM pg_sleep(%s); END IF;
+            RETURN v;
+        END""", user, seconds)
+
+
 def stored(conn, conv):
     return sql_rows(conn, "SELECT client_id, id FROM messages WHERE "
                     "conversation_id = %s ORDER BY id", conv)
@@ -741,33 +806,124 @@ def test_socket_opening_while_the_bus_comes_back_gets_what_it_missed(isolated):
     a, b = new_id(), new_id()
     conv = create_conversation(conn, [a, b])
     first = sql_message(conn, conv, a, "first")
-    cur = conn.cursor()
-    cur.execute("ALTER FUNCTION parley_chat_open(text, bigint, bigint, text, "
-                "text, integer) RENAME TO parley_chat_open_real")
-    cur.execute("""CREATE FUNCTION parley_chat_open(p_node text, p_socket bigint,
-        p_conv bigint, p_user text, p_name text, p_max integer) RETURNS text
-        LANGUAGE plpgsql AS $$
-        DECLARE v text := parley_chat_open_real(p_node, p_socket, p_conv,
-                                                p_user, p_name, p_max);
-        BEGIN
-            IF p_user = %s THEN PERFORM pg_sleep(4); END IF;
-            RETURN v;
-        END $$""", (b,))
-    listening = iso.srv.output().count("bus: listening")
-    wb = iso.ws("/ws/chat/%d/" % conv, make_token(b, "Bob"))
-    time.sleep(1)                       # the open has its ready frame
-    sql_one(conn, "ALTER ROLE CURRENT_USER NOLOGIN")
-    try:
-        assert listening_backends_killed(conn) == len(iso.pids)
-        missed = sql_message(conn, conv, a, "while the bus was down")
-    finally:
-        sql_one(conn, "ALTER ROLE CURRENT_USER LOGIN")
-    wait_for(lambda: iso.srv.output().count("bus: listening") >=
-             listening + len(iso.pids), 30, 0.1, "every worker listening again")
-    ready = wb.recv()
+    with opens_slowed(conn, b, 4):
+        wb = iso.ws("/ws/chat/%d/" % conv, make_token(b, "Bob"))
+        time.sleep(1)                   # the open has its ready frame
+        with listen_cut_off(iso, conn):
+            missed = sql_message(conn, conv, a, "while the bus was down")
+        ready = wb.recv()
     assert (ready["type"], ready["last_message_id"]) == ("ready", first), \
         ready
     assert message_ids(wb, 1, timeout=15) == [missed]
+    iso.assert_workers_alive()
+
+
+def test_replay_answered_after_the_bus_came_back_gets_what_it_missed(isolated):
+    """A chat socket replays from `after` (its page read), the LISTEN
+    connections go down, a message is stored, and they come back before the
+    replay is answered: the bus catch-up is for live sockets only, so the
+    socket is caught up itself from the replay's last id before it goes
+    live, and gets the message it would otherwise never see."""
+    iso = isolated()
+    conn = iso.connect()
+    a, b = new_id(), new_id()
+    conv = create_conversation(conn, [a, b])
+    first = sql_message(conn, conv, a, "first")
+    with replays_slowed(conn, conv, 5):
+        wb = iso.chat(conv, b, "Bob", after=first)
+        time.sleep(1)                   # the replay has read its page
+        with listen_cut_off(iso, conn):
+            missed = sql_message(conn, conv, a, "while the bus was down")
+        synced = wb.recv_type("synced", timeout=15)
+    assert (synced["last_message_id"], synced["has_more"]) == (first, False)
+    assert message_ids(wb, 1, timeout=15) == [missed]
+    iso.assert_workers_alive()
+
+
+def test_socket_replaying_a_long_conversation_survives_the_bus_coming_back(
+        isolated):
+    """A chat socket replaying 2,100 messages from the start when the
+    LISTEN connections come back: the bus catch-up took it for a socket
+    with nothing (last id 0) and held the whole conversation for it, past
+    the 2,048 frames a socket may hold: closed 4029. The catch-up leaves
+    replaying sockets to themselves; it replays everything, the message
+    stored while the bus was down included, once each."""
+    iso = isolated()
+    conn = iso.connect()
+    a, b = new_id(), new_id()
+    conv = create_conversation(conn, [a, b])
+    cur = conn.cursor()
+    cur.execute("INSERT INTO messages (conversation_id, sender_id, content) "
+                "SELECT %s, %s, 'old ' || g FROM generate_series(1, 2100) g",
+                (conv, a))
+    with replays_slowed(conn, conv, 5):
+        wb = iso.chat(conv, b, "Bob", after=0)
+        time.sleep(1)
+        with listen_cut_off(iso, conn):
+            missed = sql_message(conn, conv, a, "while the bus was down")
+        synced = wb.recv_type("synced", timeout=15)
+    while synced["has_more"]:
+        wb.send({"type": "sync", "after": synced["last_message_id"],
+                 "limit": 500})
+        synced = wb.recv_until(lambda f: f["type"] == "synced" and
+                               f["last_message_id"] > synced["last_message_id"])
+    stored_ids = [r[0] for r in sql_rows(conn, "SELECT id FROM messages WHERE "
+                                         "conversation_id = %s ORDER BY id", conv)]
+    assert len(stored_ids) == 2101 and stored_ids[-1] == missed
+    assert message_ids(wb, 2101) == stored_ids
+    iso.assert_workers_alive()
+
+
+def test_socket_live_during_a_catch_up_gets_no_gap(isolated):
+    """A bus catch-up pages through what its conversation's live sockets
+    missed (500 a page). A socket whose open was answered between two pages
+    has every message up to its ready frame's id; a page starting past that
+    id would leave a gap: the socket took that page's messages, then skipped
+    as old the live frames of the ones in between (here 500 messages lost).
+    It takes no such page; they reach it live."""
+    iso = isolated()
+    conn = iso.connect()
+    a, b, conv, socks = chat_on_every_worker(iso, conn)
+    cur = conn.cursor()
+    insert = ("INSERT INTO messages (conversation_id, sender_id, content) "
+              "SELECT %s, %s, %s || g FROM generate_series(1, %s) g")
+    # page 1 (from before the outage) read late; page 3 (past the page the
+    # new socket's ready frame ends) answered after that socket is live
+    catchup_paced = sql_function_wrapped(
+        conn, "parley_catchup", "p_conversation bigint, p_after bigint, "
+        "p_limit integer", "TABLE (id bigint, frame text)", """
+        DECLARE missed bigint := (SELECT max(m.id) FROM messages m
+                                   WHERE m.conversation_id = %s
+                                     AND m.content LIKE 'missed %%');
+        BEGIN
+            IF p_after < missed THEN
+                PERFORM pg_sleep(3);
+            ELSIF p_after > missed THEN
+                PERFORM pg_sleep(6);
+            END IF;
+            RETURN QUERY SELECT * FROM parley_catchup_real(p_conversation,
+                p_after, p_limit);
+        END""", conv)
+    with catchup_paced, opens_slowed(conn, b, 5):
+        with listen_cut_off(iso, conn):
+            cur.execute(insert, (conv, a, "missed ", 500))
+        missed_last = sql_one(conn, "SELECT max(id) FROM messages")
+        wb = iso.ws("/ws/chat/%d/" % conv, make_token(b, "Bob"))
+        time.sleep(0.5)                 # its ready frame is read
+        cur.execute(insert, (conv, a, "after ", 510))
+        ready = wb.recv(timeout=15)
+        assert (ready["type"], ready["last_message_id"]) == \
+            ("ready", missed_last), ready
+        after = [r[0] for r in sql_rows(
+            conn, "SELECT id FROM messages WHERE conversation_id = %s "
+            "AND id > %s ORDER BY id", conv, missed_last)]
+        assert len(after) == 510
+        assert message_ids(wb, 510, timeout=20) == after
+    missed = [r[0] for r in sql_rows(
+        conn, "SELECT id FROM messages WHERE conversation_id = %s ORDER BY id",
+        conv)]
+    for w in socks:
+        assert message_ids(w, len(missed), timeout=20) == missed
     iso.assert_workers_alive()
 
 
