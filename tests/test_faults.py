@@ -14,6 +14,7 @@ import signal
 import threading
 import time
 
+import pytest
 import requests
 
 from helpers import (api, create_conversation, kill_parley_backends,
@@ -213,6 +214,14 @@ def opens_slowed(conn, user, seconds):
             IF p_user = %s THEN PERFORM pg_sleep(%s); END IF;
             RETURN v;
         END""", user, seconds)
+
+
+def messages_stored(conn, conv, sender, prefix, n):
+    """n messages of sender's in one INSERT, prefix and a number each."""
+    conn.cursor().execute(
+        "INSERT INTO messages (conversation_id, sender_id, content) "
+        "SELECT %s, %s, %s || g FROM generate_series(1, %s) g",
+        (conv, sender, prefix, n))
 
 
 def stored(conn, conv):
@@ -764,18 +773,14 @@ def test_catch_up_of_a_socket_still_replaying_starts_at_its_after(isolated):
     """A chat socket opened with `after` whose replay failed (its client is
     to ask again) holds live frames back, but none up to its `after`: not
     the live frames of the 2,100 messages just stored, which may still be
-    arriving, and not a bus catch-up meanwhile (the LISTEN connection
-    replaced), which starts at its `after` rather than at the start of the
-    conversation. Either would fill its held frames (2,048) and close it
-    4029. Its next sync gets what is new."""
+    arriving (which would fill its held frames, 2,048, and close it 4029),
+    and not a bus catch-up meanwhile (the LISTEN connection replaced): that
+    is for live sockets. Its next sync gets what is new."""
     iso = isolated()
     conn = iso.connect()
     a, b = new_id(), new_id()
     conv = create_conversation(conn, [a, b])
-    cur = conn.cursor()
-    cur.execute("INSERT INTO messages (conversation_id, sender_id, content) "
-                "SELECT %s, %s, 'old ' || g FROM generate_series(1, 2100) g",
-                (conv, a))
+    messages_stored(conn, conv, a, "old ", 2100)
     last = sql_one(conn, "SELECT max(id) FROM messages WHERE "
                    "conversation_id = %s", conv)
     with functions_away(conn, "parley_history(bigint, text, bigint, bigint, "
@@ -783,10 +788,8 @@ def test_catch_up_of_a_socket_still_replaying_starts_at_its_after(isolated):
         wb = iso.chat(conv, b, "Bob", after=last)
         f = wb.recv_until(lambda f: f["type"] == "error")
         assert f["message"] == "the replay failed; try again", f
-    listening = iso.srv.output().count("bus: listening")
-    assert listening_backends_killed(conn) == len(iso.pids)
-    wait_for(lambda: iso.srv.output().count("bus: listening") >=
-             listening + len(iso.pids), 30, 0.1, "every worker listening again")
+    with listen_cut_off(iso, conn):
+        pass
     new = sql_message(conn, conv, a, "new")
     wb.send({"type": "sync", "after": last})
     synced = wb.recv_type("synced", timeout=15)
@@ -795,47 +798,34 @@ def test_catch_up_of_a_socket_still_replaying_starts_at_its_after(isolated):
     iso.assert_workers_alive()
 
 
-def test_socket_opening_while_the_bus_comes_back_gets_what_it_missed(isolated):
-    """A chat socket's open takes its ready frame's last_message_id, then
-    the LISTEN connections go down, a message is stored, and they come back
-    (their catch-up is for open sockets only) before the open is answered:
-    the socket is caught up from its ready frame's id, so it gets the
-    message it would otherwise never see live."""
+@pytest.mark.parametrize("slowed", ["open", "replay"])
+def test_socket_answered_after_the_bus_came_back_gets_what_it_missed(
+        isolated, slowed):
+    """A chat socket's open (its ready frame's last_message_id) or replay
+    from `after` (its page) has been read, the LISTEN connections go down,
+    a message is stored, and they come back before it is answered: the bus
+    catch-up is for live sockets, so the socket is caught up on its own
+    from the ready frame's or the replay's last id before it goes live, and
+    gets the message it would otherwise never see."""
     iso = isolated()
     conn = iso.connect()
     a, b = new_id(), new_id()
     conv = create_conversation(conn, [a, b])
     first = sql_message(conn, conv, a, "first")
-    with opens_slowed(conn, b, 4):
-        wb = iso.ws("/ws/chat/%d/" % conv, make_token(b, "Bob"))
-        time.sleep(1)                   # the open has its ready frame
+    if slowed == "open":
+        path, answer = "/ws/chat/%d/" % conv, "ready"
+        held = opens_slowed(conn, b, 4)
+    else:
+        path, answer = "/ws/chat/%d/?after=%d" % (conv, first), "synced"
+        held = replays_slowed(conn, conv, 5)
+    with held:
+        wb = iso.ws(path, make_token(b, "Bob"))
+        time.sleep(1)                   # its ready frame or page is read
         with listen_cut_off(iso, conn):
             missed = sql_message(conn, conv, a, "while the bus was down")
-        ready = wb.recv()
-    assert (ready["type"], ready["last_message_id"]) == ("ready", first), \
-        ready
-    assert message_ids(wb, 1, timeout=15) == [missed]
-    iso.assert_workers_alive()
-
-
-def test_replay_answered_after_the_bus_came_back_gets_what_it_missed(isolated):
-    """A chat socket replays from `after` (its page read), the LISTEN
-    connections go down, a message is stored, and they come back before the
-    replay is answered: the bus catch-up is for live sockets only, so the
-    socket is caught up itself from the replay's last id before it goes
-    live, and gets the message it would otherwise never see."""
-    iso = isolated()
-    conn = iso.connect()
-    a, b = new_id(), new_id()
-    conv = create_conversation(conn, [a, b])
-    first = sql_message(conn, conv, a, "first")
-    with replays_slowed(conn, conv, 5):
-        wb = iso.chat(conv, b, "Bob", after=first)
-        time.sleep(1)                   # the replay has read its page
-        with listen_cut_off(iso, conn):
-            missed = sql_message(conn, conv, a, "while the bus was down")
-        synced = wb.recv_type("synced", timeout=15)
-    assert (synced["last_message_id"], synced["has_more"]) == (first, False)
+        got = wb.recv_type(answer, timeout=15)
+    assert (got["last_message_id"], got.get("has_more", False)) == \
+        (first, False), got
     assert message_ids(wb, 1, timeout=15) == [missed]
     iso.assert_workers_alive()
 
@@ -852,10 +842,7 @@ def test_socket_replaying_a_long_conversation_survives_the_bus_coming_back(
     conn = iso.connect()
     a, b = new_id(), new_id()
     conv = create_conversation(conn, [a, b])
-    cur = conn.cursor()
-    cur.execute("INSERT INTO messages (conversation_id, sender_id, content) "
-                "SELECT %s, %s, 'old ' || g FROM generate_series(1, 2100) g",
-                (conv, a))
+    messages_stored(conn, conv, a, "old ", 2100)
     with replays_slowed(conn, conv, 5):
         wb = iso.chat(conv, b, "Bob", after=0)
         time.sleep(1)
@@ -884,9 +871,6 @@ def test_socket_live_during_a_catch_up_gets_no_gap(isolated):
     iso = isolated()
     conn = iso.connect()
     a, b, conv, socks = chat_on_every_worker(iso, conn)
-    cur = conn.cursor()
-    insert = ("INSERT INTO messages (conversation_id, sender_id, content) "
-              "SELECT %s, %s, %s || g FROM generate_series(1, %s) g")
     # page 1 (from before the outage) read late; page 3 (past the page the
     # new socket's ready frame ends) answered after that socket is live
     catchup_paced = sql_function_wrapped(
@@ -906,11 +890,11 @@ def test_socket_live_during_a_catch_up_gets_no_gap(isolated):
         END""", conv)
     with catchup_paced, opens_slowed(conn, b, 5):
         with listen_cut_off(iso, conn):
-            cur.execute(insert, (conv, a, "missed ", 500))
+            messages_stored(conn, conv, a, "missed ", 500)
         missed_last = sql_one(conn, "SELECT max(id) FROM messages")
         wb = iso.ws("/ws/chat/%d/" % conv, make_token(b, "Bob"))
         time.sleep(0.5)                 # its ready frame is read
-        cur.execute(insert, (conv, a, "after ", 510))
+        messages_stored(conn, conv, a, "after ", 510)
         ready = wb.recv(timeout=15)
         assert (ready["type"], ready["last_message_id"]) == \
             ("ready", missed_last), ready
