@@ -51,6 +51,9 @@
 #define BUS_CATCHUP_USERS	500
 #define BUS_TIME_MAX		64
 
+/* LISTEN returns whose `since` a socket's own catch-up may ask for. */
+#define BUS_UPS_KEPT		8
+
 /* Answers with an error (not a lost connection) before a query is given up. */
 #define BUS_REFUSALS_MAX	5
 
@@ -99,6 +102,7 @@ static int	bus_parse_int(const char **, const char *, int64_t *);
 static void	bus_route(struct bus_parsed *);
 static void	bus_drain(void);
 static void	bus_overflow(void);
+static void	bus_forget_queued(void);
 static void	bus_fetch(struct bus_parsed *);
 static void	bus_fetch_query(void *, u_int64_t);
 static void	bus_fetched(struct db_result *, void *);
@@ -126,6 +130,7 @@ static u_int64_t		bus_fetch_backoff;
 static int			bus_fetch_refusals;
 static char			bus_alive_at[BUS_TIME_MAX];
 static u_int64_t		bus_up_count;
+static char			bus_up_since[BUS_UPS_KEPT][BUS_TIME_MAX];
 
 /* The LISTEN is in place: catch every socket up, then go live. */
 void
@@ -138,6 +143,8 @@ bus_up(void)
 	kore_log(LOG_NOTICE, "bus: listening");
 
 	bus_up_count++;
+	(void)kore_strlcpy(bus_up_since[bus_up_count % BUS_UPS_KEPT],
+	    bus_alive_at, sizeof(bus_up_since[0]));
 	bus_paused++;
 	for (conv = hub_conv_first(); conv != NULL;
 	    conv = hub_conv_next(conv)) {
@@ -172,6 +179,21 @@ bus_ups(void)
 	return (bus_up_count);
 }
 
+/*
+ * Since when a socket up to date at `ups` (bus_ups() then, before the
+ * latest return) may have missed read receipts and presence: the last ping
+ * before the first loss of the LISTEN after it (or the oldest kept). ""
+ * for the worker's first LISTEN: nothing is owed before it.
+ */
+const char *
+bus_since(u_int64_t ups)
+{
+	if (bus_up_count - ups > BUS_UPS_KEPT)
+		ups = bus_up_count - BUS_UPS_KEPT;
+
+	return (bus_up_since[(ups + 1) % BUS_UPS_KEPT]);
+}
+
 /* The LISTEN connection answered a ping: `at` is the server's clock. */
 void
 bus_alive(const char *at)
@@ -179,10 +201,18 @@ bus_alive(const char *at)
 	(void)kore_strlcpy(bus_alive_at, at, sizeof(bus_alive_at));
 }
 
+/*
+ * What waits (behind a fetch or a catch-up) is forgotten too: delivered
+ * after the catch-up of the LISTEN's return, an old read receipt would
+ * undo a newer one. The catch-up gets it all from the database.
+ */
 void
 bus_down(void)
 {
 	kore_log(LOG_NOTICE, "bus: LISTEN connection lost, reconnecting");
+
+	if (bus_queued > 0)
+		bus_forget_queued();
 }
 
 void
@@ -218,11 +248,19 @@ bus_notify(const char *payload, size_t len)
 static void
 bus_overflow(void)
 {
-	struct bus_note		*note;
-
 	kore_log(LOG_NOTICE, "bus: %d notes queued, dropping them to catch "
 	    "up from the database", bus_queued);
 	metrics_bus_overflow();
+
+	bus_forget_queued();
+	db_listen_reset("bus queue full");
+}
+
+/* The next catch-up starts from when the queue was last empty. */
+static void
+bus_forget_queued(void)
+{
+	struct bus_note		*note;
 
 	while ((note = TAILQ_FIRST(&bus_queue)) != NULL) {
 		TAILQ_REMOVE(&bus_queue, note, list);
@@ -232,7 +270,6 @@ bus_overflow(void)
 
 	(void)kore_strlcpy(bus_alive_at, bus_queued_since,
 	    sizeof(bus_alive_at));
-	db_listen_reset("bus queue full");
 }
 
 static void

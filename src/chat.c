@@ -43,6 +43,8 @@ static void	chat_emit_typing(struct session *, int);
 static const char *chat_error_code(int, const char *);
 static void	chat_catch_up(struct session *, int64_t);
 static void	chat_caught_up(struct db_result *, void *);
+static void	chat_state_caught_up(struct db_result *, void *);
+static int	chat_catch_up_answered(struct session *, struct db_result *);
 
 int
 ws_chat(struct http_request *req)
@@ -85,12 +87,15 @@ chat_opened(struct session *s, const char *frame)
  * LISTEN came back since that was asked: what was stored in between and
  * before the LISTEN was back reached no socket here, and the catch-up of
  * the conversation (bus_up) is for sockets already live. It is fetched
- * first, live frames still held back.
+ * first, live frames still held back, then the read receipts and presence
+ * of that time.
  */
 void
 chat_go_live(struct session *s, int64_t last)
 {
 	if (s->bus_ups != bus_ups()) {
+		s->state_ups = s->bus_ups;
+		s->bus_ups = bus_ups();
 		chat_catch_up(s, last);
 		return;
 	}
@@ -105,7 +110,6 @@ chat_catch_up(struct session *s, int64_t after)
 	const char	*params[3];
 	char		conv[24], a[24], limit[16];
 
-	s->bus_ups = bus_ups();
 	s->sync_after = after;
 
 	(void)snprintf(conv, sizeof(conv), "%lld",
@@ -120,19 +124,18 @@ chat_catch_up(struct session *s, int64_t after)
 	    params, chat_caught_up);
 }
 
-/* A full page: there may be more. Unobtainable: its client comes back. */
+/* A full page: there may be more. */
 static void
 chat_caught_up(struct db_result *r, void *arg)
 {
 	struct session	*s = arg;
+	const char	*params[2];
+	char		conv[24];
 	int64_t		id, last;
 	int		i, n;
 
-	s->query = NULL;
-	if (!r->ok || PQnfields(r->res) != 2) {
-		ws_close(s, WS_CLOSE_TRY_AGAIN, "try_again_later");
+	if (!chat_catch_up_answered(s, r))
 		return;
-	}
 
 	last = s->sync_after;
 	n = PQntuples(r->res);
@@ -151,10 +154,59 @@ chat_caught_up(struct db_result *r, void *arg)
 	if (s->state != SESSION_OPEN)
 		return;
 
-	if (n == CHAT_CATCHUP_LIMIT)
+	if (n == CHAT_CATCHUP_LIMIT) {
 		chat_catch_up(s, last);
-	else
+		return;
+	}
+
+	s->sync_after = last;
+	params[1] = bus_since(s->state_ups);
+	if (params[1][0] == '\0') {
 		chat_go_live(s, last);
+		return;
+	}
+
+	(void)snprintf(conv, sizeof(conv), "%lld",
+	    (long long)s->conversation_id);
+	params[0] = conv;
+	ws_query(s, "SELECT skip_user, frame FROM "
+	    "parley_conversation_catchup($1, $2)", 2, params,
+	    chat_state_caught_up);
+}
+
+/* Read receipts, and presence but the user's own, as the bus sends them. */
+static void
+chat_state_caught_up(struct db_result *r, void *arg)
+{
+	struct session	*s = arg;
+	int		i;
+
+	if (!chat_catch_up_answered(s, r))
+		return;
+
+	for (i = 0; i < PQntuples(r->res) && s->state == SESSION_OPEN; i++) {
+		if (PQgetisnull(r->res, i, 0) ||
+		    strcmp(PQgetvalue(r->res, i, 0), s->ident.user_id)) {
+			ws_send(s, PQgetvalue(r->res, i, 1),
+			    PQgetlength(r->res, i, 1));
+		}
+	}
+
+	if (s->state == SESSION_OPEN)
+		chat_go_live(s, s->sync_after);
+}
+
+/* A catch-up that cannot be had closes the socket: its client comes back. */
+static int
+chat_catch_up_answered(struct session *s, struct db_result *r)
+{
+	s->query = NULL;
+	if (!r->ok || PQnfields(r->res) != 2) {
+		ws_close(s, WS_CLOSE_TRY_AGAIN, "try_again_later");
+		return (0);
+	}
+
+	return (1);
 }
 
 int

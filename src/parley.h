@@ -187,6 +187,7 @@ struct session {
 	int			behind;
 	int64_t			last_seq;
 	u_int64_t		bus_ups;	/* bus_ups() when open or replay asked */
+	u_int64_t		state_ups;	/* receipts, presence: up to date at */
 	int64_t			sync_after;
 	int64_t			sync_limit;
 	TAILQ_HEAD(, held_frame) held;
@@ -297,6 +298,7 @@ void		bus_down(void);
 void		bus_alive(const char *);
 void		bus_notify(const char *, size_t);
 u_int64_t	bus_ups(void);
+const char	*bus_since(u_int64_t);
 
 /* Schema migrations (migrate.c). */
 int	migrate_run(PGconn *);

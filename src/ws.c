@@ -775,6 +775,9 @@ ws_synced(struct db_result *r, void *arg)
 	ws_send(s, buf.data, buf.offset);
 	kore_buf_cleanup(&buf);
 
+	if (s->state != SESSION_OPEN)
+		return;
+
 	/* With more to come the client asks again; held frames would repeat. */
 	if (more) {
 		hub_hold_drop(s);

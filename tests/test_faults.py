@@ -803,10 +803,11 @@ def test_socket_answered_after_the_bus_came_back_gets_what_it_missed(
         isolated, slowed):
     """A chat socket's open (its ready frame's last_message_id) or replay
     from `after` (its page) has been read, the LISTEN connections go down,
-    a message is stored, and they come back before it is answered: the bus
-    catch-up is for live sockets, so the socket is caught up on its own
-    from the ready frame's or the replay's last id before it goes live, and
-    gets the message it would otherwise never see."""
+    a message is stored and read, and they come back before it is
+    answered: the bus catch-up is for live sockets, so the socket is caught
+    up on its own from the ready frame's or the replay's last id before it
+    goes live, and gets the message and the read receipt it would otherwise
+    never see."""
     iso = isolated()
     conn = iso.connect()
     a, b = new_id(), new_id()
@@ -823,10 +824,13 @@ def test_socket_answered_after_the_bus_came_back_gets_what_it_missed(
         time.sleep(1)                   # its ready frame or page is read
         with listen_cut_off(iso, conn):
             missed = sql_message(conn, conv, a, "while the bus was down")
+            sql_one(conn, "SELECT parley_mark_read(%s, %s, NULL)", conv, a)
         got = wb.recv_type(answer, timeout=15)
     assert (got["last_message_id"], got.get("has_more", False)) == \
         (first, False), got
     assert message_ids(wb, 1, timeout=15) == [missed]
+    receipt = seen(wb, lambda f: f["type"] == "read_receipt")
+    assert (receipt["user_id"], receipt["message_id"]) == (a, missed), receipt
     iso.assert_workers_alive()
 
 
@@ -908,6 +912,42 @@ def test_socket_live_during_a_catch_up_gets_no_gap(isolated):
         conv)]
     for w in socks:
         assert message_ids(w, len(missed), timeout=20) == missed
+    iso.assert_workers_alive()
+
+
+def test_what_waits_on_the_bus_when_the_listen_is_lost_is_caught_up(isolated):
+    """A read receipt queued behind the fetch of a big message when the
+    LISTEN connection is lost: delivered after the catch-up of its return,
+    it undid the newer receipt the catch-up sent (the reader's position went
+    back). What waits is forgotten with the connection, and the catch-up
+    reads it from the database."""
+    iso = isolated()
+    conn = iso.connect()
+    a, b = new_id(), new_id()
+    conv = create_conversation(conn, [a, b])
+    wb = iso.chat(conv, b, "Bob")
+    read = "SELECT parley_mark_read(%s, %s, NULL)"
+    fetch_slowed = sql_function_wrapped(
+        conn, "parley_message_frame", "p_id bigint", "text", """
+        BEGIN
+            IF length((SELECT m.content FROM messages m WHERE m.id = p_id))
+               > 3000 THEN
+                PERFORM pg_sleep(3);
+            END IF;
+            RETURN parley_message_frame_real(p_id);
+        END""")
+    with fetch_slowed:
+        big = sql_message(conn, conv, a, "\u00e9" * 4000)    # by reference
+        sql_one(conn, read, conv, a)        # queued behind its fetch
+        time.sleep(0.5)
+        with listen_cut_off(iso, conn):
+            newer = sql_message(conn, conv, a, "while the bus was down")
+            sql_one(conn, read, conv, a)
+        last = sql_message(conn, conv, a, "live again")
+        assert message_ids(wb, 3, timeout=30) == [big, newer, last]
+    receipts = [f["message_id"] for f in wb.frames
+                if f["type"] == "read_receipt" and f["user_id"] == a]
+    assert receipts and receipts[-1] == newer, receipts
     iso.assert_workers_alive()
 
 
