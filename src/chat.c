@@ -43,6 +43,7 @@ static void	chat_emit_typing(struct session *, int);
 static const char *chat_error_code(int, const char *);
 static void	chat_catch_up(struct session *, int64_t);
 static void	chat_caught_up(struct db_result *, void *);
+static void	chat_state_catch_up(struct session *, int64_t);
 static void	chat_state_caught_up(struct db_result *, void *);
 static int	chat_catch_up_answered(struct session *, struct db_result *);
 
@@ -129,8 +130,6 @@ static void
 chat_caught_up(struct db_result *r, void *arg)
 {
 	struct session	*s = arg;
-	const char	*params[2];
-	char		conv[24];
 	int64_t		id, last;
 	int		i, n;
 
@@ -154,10 +153,18 @@ chat_caught_up(struct db_result *r, void *arg)
 	if (s->state != SESSION_OPEN)
 		return;
 
-	if (n == CHAT_CATCHUP_LIMIT) {
+	if (n == CHAT_CATCHUP_LIMIT)
 		chat_catch_up(s, last);
-		return;
-	}
+	else
+		chat_state_catch_up(s, last);
+}
+
+/* The read receipts and presence of the window, after its messages. */
+static void
+chat_state_catch_up(struct session *s, int64_t last)
+{
+	const char	*params[2];
+	char		conv[24];
 
 	s->sync_after = last;
 	params[1] = bus_since(s->state_ups);
