@@ -9,6 +9,7 @@ import time
 
 import jwt
 import pytest
+import requests
 
 from helpers import (PgCluster, SECRET, Server, api, free_port, make_token,
                      new_id, run_as_pg, PG_BIN, service_token)
@@ -261,6 +262,47 @@ def test_leeway_of_30_seconds(server):
     assert me(server, make_token(new_id(), exp_in=-45)).status_code == 401
     assert me(server, make_token(new_id(), nbf=int(time.time()) + 10)).status_code == 200
     assert me(server, make_token(new_id(), nbf=int(time.time()) + 90)).status_code == 401
+
+
+# Each worker keeps the tokens it accepted (auth.c). One keep-alive
+# connection stays on one worker, so these ask the same cache again.
+
+def test_kept_token_still_expires(server):
+    with requests.Session() as s:
+        t = make_token(new_id(), exp_in=-27)
+        h = {"Authorization": "Bearer " + t}
+        assert s.get(server.base + "/api/me", headers=h, timeout=10).status_code == 200
+        time.sleep(4.5)
+        r = s.get(server.base + "/api/me", headers=h, timeout=10)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "unauthenticated"
+
+
+def test_kept_token_matches_only_itself(server):
+    uid = new_id()
+    t = make_token(uid)
+    head, sig = t.rsplit(".", 1)
+    # A middle character of the signature: all six of its bits count.
+    c = sig[20]
+    forged = head + "." + sig[:20] + ("A" if c != "A" else "B") + sig[21:]
+    with requests.Session() as s:
+        def me_on(token):
+            return s.get(server.base + "/api/me", timeout=10,
+                         headers={"Authorization": "Bearer " + token})
+        assert me_on(t).json()["user"]["id"] == uid
+        assert me_on(forged).status_code == 401
+        assert me_on(t).json()["user"]["id"] == uid
+
+
+def test_kept_tokens_keep_their_own_identity(server):
+    # More tokens than a worker keeps: slots are shared and replaced.
+    users = [new_id() for _ in range(1500)]
+    tokens = [make_token(u, "n" + u) for u in users]
+    with requests.Session() as s:
+        for _ in range(2):
+            for u, t in zip(users, tokens):
+                r = s.get(server.base + "/api/me", timeout=10,
+                          headers={"Authorization": "Bearer " + t})
+                assert r.json()["user"] == {"id": u, "name": "n" + u}
 
 
 def alg_none_token(uid):
