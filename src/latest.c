@@ -58,7 +58,9 @@ struct latest_ask {
 	int			state;
 	struct latest_batch	*batch;
 	int			slot;
-	struct page		*kept;
+	int64_t			conv;
+	int			limit;
+	struct page		*kept;		/* held; NULL: none kept */
 	struct kore_buf		json;
 };
 
@@ -95,6 +97,8 @@ latest_page(struct http_request *req, int64_t conv, const char *viewer,
 	ask = kore_calloc(1, sizeof(*ask));
 	ask->req = req;
 	ask->state = LATEST_PENDING;
+	ask->conv = conv;
+	ask->limit = limit;
 	ask->kept = pages_get(conv, limit);
 
 	kore_buf_init(&ask->json, 128);
@@ -104,7 +108,7 @@ latest_page(struct http_request *req, int64_t conv, const char *viewer,
 		kore_buf_appendf(&ask->json, ",\"v\":");
 		json_append_string(&ask->json, viewer, strlen(viewer));
 	}
-	if (ask->kept->stamp != NULL) {
+	if (ask->kept != NULL) {
 		kore_buf_appendf(&ask->json, ",\"s\":");
 		json_append_string(&ask->json, ask->kept->stamp,
 		    strlen(ask->kept->stamp));
@@ -227,18 +231,19 @@ latest_answer(struct latest_ask *ask, PGresult *res,
 		return;
 	}
 
-	if (ask->kept->stamp != NULL &&
+	if (ask->kept != NULL &&
 	    *PQgetvalue(res, rows->header, MESSAGE_COLUMNS) == 't') {
-		kore_buf_append(body, ask->kept->body, ask->kept->len);
 		metrics_page(1);
-	} else {
-		/* No rows (an empty conversation): first == end == -1. */
-		stamp = PQgetvalue(res, rows->header, LATEST_COL_STAMP);
-		message_page(body, res, rows->first, rows->end);
-		pages_put(ask->kept, stamp, body->data, body->offset);
-		metrics_page(0);
+		rest_answer_kept(ask->req, HTTP_STATUS_OK, ask->kept->body,
+		    ask->kept->len);
+		return;
 	}
 
+	/* No rows (an empty conversation): first == end == -1. */
+	stamp = PQgetvalue(res, rows->header, LATEST_COL_STAMP);
+	message_page(body, res, rows->first, rows->end);
+	pages_put(ask->conv, ask->limit, stamp, body->data, body->offset);
+	metrics_page(0);
 	rest_answer(ask->req, HTTP_STATUS_OK);
 }
 
@@ -258,6 +263,7 @@ latest_release(void *arg)
 	}
 
 	kore_buf_cleanup(&ask->json);
-	kore_free(ask->kept);
+	if (ask->kept != NULL)
+		pages_release(ask->kept);
 	kore_free(ask);
 }

@@ -276,14 +276,14 @@ int64_t	hub_conv_id(struct hub_conv *);
 struct page {
 	int64_t		conv;
 	int		limit;
-	char		*stamp;		/* NULL: nothing kept */
+	char		*stamp;
 	u_int8_t	*body;
 	size_t		len;
 };
 
 struct page	*pages_get(int64_t, int);
-void		pages_put(const struct page *, const char *, const void *,
-		    size_t);
+void		pages_release(struct page *);
+void		pages_put(int64_t, int, const char *, const void *, size_t);
 
 /* Latest pages asked in batches (latest.c). */
 int		latest_page(struct http_request *, int64_t, const char *, int);
@@ -331,6 +331,7 @@ int	rest_query(struct http_request *, int, const char *, int,
 int	rest_wait(struct http_request *, void *, void (*)(void *));
 struct kore_buf	*rest_answer_body(struct http_request *);
 void	rest_answer(struct http_request *, int);
+void	rest_answer_kept(struct http_request *, int, const void *, size_t);
 int	rest_resume(struct http_request *);
 int	rest_not_found(struct http_request *);
 

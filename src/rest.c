@@ -40,6 +40,8 @@ struct rest_call {
 	void			*ctx;
 	void			(*release)(void *);
 	struct kore_buf		*body;
+	const void		*kept;
+	size_t			kept_len;
 };
 
 static struct rest_call	*rest_call_new(struct http_request *);
@@ -233,6 +235,22 @@ rest_answer(struct http_request *req, int status)
 	http_request_wakeup(req);
 }
 
+/*
+ * Answer with bytes the waiter keeps (until its release runs), rather
+ * than a copy of them in the body.
+ */
+void
+rest_answer_kept(struct http_request *req, int status, const void *data,
+    size_t len)
+{
+	struct rest_call	*call;
+
+	call = http_state_get(req);
+	call->kept = data;
+	call->kept_len = len;
+	rest_answer(req, status);
+}
+
 /* Called again by Kore after the wakeup: send what the query produced. */
 int
 rest_resume(struct http_request *req)
@@ -243,7 +261,10 @@ rest_resume(struct http_request *req)
 	if (!call->done)
 		return (KORE_RESULT_RETRY);
 
-	rest_reply(req, call->status, call->body->data, call->body->offset);
+	if (call->kept != NULL)
+		rest_reply(req, call->status, call->kept, call->kept_len);
+	else
+		rest_reply(req, call->status, call->body->data, call->body->offset);
 	return (KORE_RESULT_OK);
 }
 

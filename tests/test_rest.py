@@ -1146,6 +1146,58 @@ def test_page_cache_of_zero_keeps_no_page(isolated):
     assert counts['parley_latest_pages_total{source="database"}'] >= 7
 
 
+def test_latest_pages_replaced_and_evicted_while_asked(isolated):
+    """A request answered from a kept page holds it (no copy): pages
+    replaced by newer ones and evicted by others while requests for them
+    wait must still answer whole and current. A 1 MiB cache keeps pages
+    up to 16 KiB and about 140 of these 7 KiB ones: readers on keep-alive
+    connections ask mostly for ten pages that a writer keeps changing, and
+    now and then for one of 150 others that push pages out."""
+    iso = isolated(PARLEY_PAGE_CACHE_MB="1")
+    a, b = users(2)
+    convs = [conversation(iso.srv, a.token, [b.id, c.id])["id"]
+             for c in users(160)]
+    for conv in convs:
+        for _ in range(2):
+            send(iso.srv, a.token, conv, {"content": "x" * 3500})
+    hot = convs[:10]
+    stop = threading.Event()
+    last = {conv: 0 for conv in convs}
+    problems = []
+
+    def write():
+        i = 0
+        while not stop.is_set():
+            conv = hot[i % len(hot)]
+            last[conv] = send(iso.srv, a.token, conv, {"content": "y"})["id"]
+            i += 1
+
+    def read(k):
+        with requests.Session() as s:
+            for i in range(300):
+                conv = convs[(k * 31 + i * 7) % len(convs)] if i % 3 == 0 else \
+                    hot[(k + i) % len(hot)]
+                floor = last[conv]
+                r = s.get(iso.srv.base + "/api/conversations/%d/messages" % conv,
+                          headers={"Authorization": "Bearer " + b.token}, timeout=10)
+                page = r.json()["messages"]
+                if (r.status_code != 200 or page[-1]["id"] < floor or
+                        any(m["conversation_id"] != conv for m in page) or
+                        page[0]["content"] != "x" * 3500):
+                    problems.append((conv, floor, r.status_code, r.text[:200]))
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(read, range(8)))
+    stop.set()
+    writer.join()
+    assert problems == []
+    counts = metrics(iso.srv)
+    assert counts['parley_latest_pages_total{source="kept"}'] > 0
+    assert counts['parley_latest_pages_total{source="database"}'] > len(convs)
+
+
 def test_history_looks_senders_up_by_key(isolated):
     """parley_history runs one generic plan, in which the page's size is a
     parameter guessed at a tenth of the conversation: with a site's
