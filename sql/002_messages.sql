@@ -161,6 +161,22 @@ $$;
 -- lowest read positions and whose the lowest is (parley_read_floor); the lowest
 -- position among "the others" is then the second one when the sender holds the
 -- first, else the first.
+--
+-- parley_floor_rows, the two lowest positions as rows, is what other queries
+-- use: a SQL function without SET clauses, which PostgreSQL inlines where it is
+-- called in FROM (a PL/pgSQL call costs ~10 us; called only from functions that
+-- set search_path).
+create or replace function parley_floor_rows(p_conversation bigint)
+returns table (user_id text, pos bigint)
+language sql stable
+as $$
+    select p.user_id, p.last_read_message_id
+      from participants p
+     where p.conversation_id = p_conversation
+     order by p.last_read_message_id, p.user_id
+     limit 2
+$$;
+
 create or replace function parley_read_floor(p_conversation bigint,
     out min_user text, out min_read bigint, out next_read bigint)
 language plpgsql stable
@@ -169,11 +185,8 @@ as $$
 declare
     r record;
 begin
-    for r in select p.user_id, p.last_read_message_id as pos
-               from participants p
-              where p.conversation_id = p_conversation
-              order by p.last_read_message_id, p.user_id
-              limit 2 loop
+    for r in select f.user_id, f.pos from parley_floor_rows(p_conversation) f
+              order by f.pos, f.user_id loop
         if min_user is null then
             min_user := r.user_id;
             min_read := r.pos;
