@@ -264,7 +264,8 @@ rest_resume(struct http_request *req)
 	if (call->kept != NULL)
 		rest_reply(req, call->status, call->kept, call->kept_len);
 	else
-		rest_reply(req, call->status, call->body->data, call->body->offset);
+		rest_reply(req, call->status, call->body->data,
+		    call->body->offset);
 	return (KORE_RESULT_OK);
 }
 
