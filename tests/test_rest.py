@@ -1198,12 +1198,14 @@ def test_latest_pages_replaced_and_evicted_while_asked(isolated):
     assert counts['parley_latest_pages_total{source="database"}'] > len(convs)
 
 
-def test_history_looks_senders_up_by_key(isolated):
+def test_history_plans_read_by_key(isolated):
     """parley_history runs one generic plan, in which the page's size is a
     parameter guessed at a tenth of the conversation: with a site's
     numbers of users and messages, a join to users read that whole table
     into a hash at every page (100 ms with 200,000 users). Each sender's
-    name is looked up by key, whatever the statistics say."""
+    name is looked up by key, whatever the statistics say. Likewise the
+    reader check of a latest page probes one participant key, where an
+    EXISTS was planned as a hash of every conversation of the reader."""
     iso = isolated()
     a, b = users(2)
     conv = conversation(iso.srv, a.token, [b.id])["id"]
@@ -1218,9 +1220,19 @@ def test_history_looks_senders_up_by_key(isolated):
                 "select nextval('messages_id_seq'), %s, "
                 "case when g %% 2 = 0 then %s else %s end, 'm' || g "
                 "from generate_series(1, 50000) g order by g", (conv, a.id, b.id))
+    # A site's participants: most users in a conversation or two, and a
+    # reader in thousands.
+    cur.execute("insert into conversations (title, member_hash) "
+                "select 'bulk ' || i, 'bulk' || i from generate_series(1, 50000) i")
+    cur.execute("insert into participants (conversation_id, user_id) "
+                "select c.id, 'many' || substr(c.member_hash, 5) from conversations c "
+                "where c.member_hash like 'bulk%%'")
+    cur.execute("insert into participants (conversation_id, user_id) "
+                "select c.id, %s from conversations c "
+                "where c.member_hash like 'bulk%%' and c.id %% 10 = 0", (b.id,))
     cur.execute("reset session_replication_role")
-    cur.execute("analyze users")
-    cur.execute("analyze messages")
+    for table in ("users", "messages", "conversations", "participants"):
+        cur.execute("analyze " + table)
     for setting in ("auto_explain.log_min_duration = 0",
                     "auto_explain.log_nested_statements = on",
                     "client_min_messages = log"):
@@ -1232,6 +1244,14 @@ def test_history_looks_senders_up_by_key(isolated):
     plans = "".join(db.notices)
     assert "on messages b" in plans                  # the page's plan was logged
     assert "Seq Scan on users" not in plans
+    del db.notices[:]
+    cur.execute("select count(*) from parley_latest_pages(%s::jsonb)",
+                (json.dumps([{"c": conv, "v": b.id, "l": 50}]),))
+    assert cur.fetchone()[0] == 1 + 51              # its header, the page, one more
+    plans = "".join(db.notices)
+    assert "jsonb_array_elements" in plans           # the headers' plan was logged
+    assert "hashed SubPlan" not in plans
+    assert "Seq Scan on participants" not in plans
     page = history(iso.srv, b.token, conv)["messages"]
     assert [m["content"] for m in page] == ["m%d" % g for g in range(49951, 50001)]
     assert {m["sender_name"] for m in page} == {a.name, b.name}
