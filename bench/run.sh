@@ -36,7 +36,7 @@ LG="$BENCH/loadgen --url $URL --secret $SECRET"
 # more so the more backends); setup() reserves them when it may.
 PG_SETTINGS=${BENCH_PG_SETTINGS:-"shared_buffers=2GB effective_cache_size=8GB
 work_mem=16MB maintenance_work_mem=512MB max_connections=400 wal_buffers=32MB
-max_wal_size=16GB checkpoint_timeout=30min fsync=on synchronous_commit=on
+min_wal_size=4GB max_wal_size=16GB checkpoint_timeout=30min fsync=on synchronous_commit=on
 huge_pages=try"}
 
 q() { [ "$QUICK" = 1 ] && echo "$1" || echo "$2"; }
@@ -196,6 +196,13 @@ stop_server() {
 measure() {
 	local label=$1
 	shift
+	# A checkpoint first, as a server in steady state has had: it recycles
+	# the WAL segments written since the last one into the next ones. Else
+	# (max_wal_size 16GB, checkpoint_timeout 30min) every 16 MB of WAL is a
+	# new segment, zero-filled and fsynced while a commit waits for it
+	# (IO:WALInitWrite): p99 at 5,000 msgs/s 26-69 ms with it, 15-18 ms
+	# without (bench/README.md, twelfth round).
+	psql_db postgres -c checkpoint
 	STEPS+=("$RAW/$SCEN-$label.json")
 	"$PY" "$BENCH/bench.py" measure --out "$RAW/$SCEN-$label.json" \
 	    --label "$label" --server-pid "$SERVER_PID" --pg-pid "$PG_PID" \

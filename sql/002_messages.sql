@@ -321,10 +321,15 @@ $$;
 -- it. Its insert/update trigger (004_notifications.sql) sends the 'n' event
 -- of unread ones with the live counts.
 -- Set-based: per recipient one row written, whatever the number of messages.
+-- Its plan is the generic one: with an array of one to four messages
+-- PostgreSQL found custom plans cheaper and planned the statement again at
+-- every call, a third of a small batch's CPU (bench/README.md, twelfth
+-- round); the generic plan is the one it picks from eight messages on.
 create or replace function parley_collapse_notifications(p_messages messages[])
 returns void
 language plpgsql
 set search_path from current
+set plan_cache_mode = force_generic_plan
 as $$
 begin
     with batch as materialized (
