@@ -301,7 +301,7 @@ scen_throughput() {
 	SCEN=throughput STEPS=()
 	local c=${TP_CONVERSATIONS:-$(q 20 200)} k=${TP_USERS:-2}
 	local d=${TP_STEP_SECONDS:-$(q 4 20)} limit=${TP_P99_MS:-50}
-	local rates=${TP_RATES:-$(q "100 400" "100 250 500 1000 1500 2000 2500 3000 4000 5000 6000 8000 10000 12000")}
+	local rates=${TP_RATES:-$(q "100 400" "100 250 500 1000 1500 2000 2500 3000 4000 5000 6000 7000 8000 9000 10000 12000")}
 	fresh_db parley_bench
 	# Every socket sends rate/(c*k) msgs/s: over the default limit of 10/s
 	# per socket from 4,000 msgs/s on, so the limit is raised here.

@@ -115,7 +115,9 @@ $$;
 -- here) took longer than running it. In that generic plan the page's size is
 -- a parameter, guessed at a tenth of the conversation: joined to users, it
 -- read the whole users table into a hash at every page (100 ms with 200,000
--- users), so each sender's name is looked up by key.
+-- users), so each sender's name is looked up by key, and once per sender
+-- of the page rather than once per row (a page of a two-person conversation
+-- made 51 lookups for 2 names: 40 % of a deep page's time).
 create or replace function parley_history(p_conversation bigint, p_viewer text,
     p_before bigint, p_after bigint, p_limit integer)
 returns table (id bigint, conversation_id bigint, sender_id text, sender_name text,
@@ -138,26 +140,32 @@ begin
     f := parley_read_floor(p_conversation);
 
     return query
+    with page as materialized (
+        (select b.*, row_number() over (order by b.id desc) as n
+           from messages b
+          where p_after is null and b.conversation_id = p_conversation
+            and b.id < v_before
+          order by b.id desc
+          limit v_limit + 1)
+        union all
+        (select a.*, row_number() over (order by a.id) as n
+           from messages a
+          where p_after is not null and a.conversation_id = p_conversation
+            and a.id > p_after and a.id < v_before
+          order by a.id
+          limit v_limit + 1)),
+    names as materialized (
+        select s.sender_id, (select u.name from users u where u.id = s.sender_id) as name
+          from (select distinct p.sender_id from page p) s
+         where s.sender_id is not null)
     select m.id, m.conversation_id, m.sender_id,
            case when m.sender_id is not null
-                then coalesce((select u.name from users u where u.id = m.sender_id),
-                              'user ' || m.sender_id) end,
+                then coalesce(x.name, 'user ' || m.sender_id) end,
            m.content, m.type, m.metadata::text, m.client_id, parley_ts(m.created_at),
            parley_is_read(m.id, m.sender_id, f.min_user, f.min_read, f.next_read),
            m.n > v_limit
-      from ((select b.*, row_number() over (order by b.id desc) as n
-               from messages b
-              where p_after is null and b.conversation_id = p_conversation
-                and b.id < v_before
-              order by b.id desc
-              limit v_limit + 1)
-            union all
-            (select a.*, row_number() over (order by a.id) as n
-               from messages a
-              where p_after is not null and a.conversation_id = p_conversation
-                and a.id > p_after and a.id < v_before
-              order by a.id
-              limit v_limit + 1)) m
+      from page m
+      left join names x on x.sender_id = m.sender_id
      order by m.id;
 end
 $$;

@@ -9,6 +9,7 @@ the `conn` fixture.
 
 import concurrent.futures
 import json
+import re
 import socket
 import threading
 
@@ -1203,9 +1204,10 @@ def test_history_plans_read_by_key(isolated):
     parameter guessed at a tenth of the conversation: with a site's
     numbers of users and messages, a join to users read that whole table
     into a hash at every page (100 ms with 200,000 users). Each sender's
-    name is looked up by key, whatever the statistics say. Likewise the
-    reader check of a latest page probes one participant key, where an
-    EXISTS was planned as a hash of every conversation of the reader."""
+    name is looked up by key, whatever the statistics say, and once per
+    sender of the page (two here), not once per row. Likewise the reader
+    check of a latest page probes one participant key, where an EXISTS was
+    planned as a hash of every conversation of the reader."""
     iso = isolated()
     a, b = users(2)
     conv = conversation(iso.srv, a.token, [b.id])["id"]
@@ -1235,6 +1237,7 @@ def test_history_plans_read_by_key(isolated):
         cur.execute("analyze " + table)
     for setting in ("auto_explain.log_min_duration = 0",
                     "auto_explain.log_nested_statements = on",
+                    "auto_explain.log_analyze = on",
                     "client_min_messages = log"):
         cur.execute("load 'auto_explain'")
         cur.execute("set " + setting)
@@ -1244,6 +1247,9 @@ def test_history_plans_read_by_key(isolated):
     plans = "".join(db.notices)
     assert "on messages b" in plans                  # the page's plan was logged
     assert "Seq Scan on users" not in plans
+    lookups = re.findall(r"Index Scan using users_pkey on users u .*loops=(\d+)\)",
+                         plans)
+    assert lookups == ["2"], lookups                # a's name and b's
     del db.notices[:]
     cur.execute("select count(*) from parley_latest_pages(%s::jsonb)",
                 (json.dumps([{"c": conv, "v": b.id, "l": 50}]),))
