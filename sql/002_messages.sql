@@ -162,10 +162,10 @@ $$;
 -- position among "the others" is then the second one when the sender holds the
 -- first, else the first.
 --
--- parley_floor_rows, the two lowest positions as rows, is what other queries
--- use: a SQL function without SET clauses, which PostgreSQL inlines where it is
--- called in FROM (a PL/pgSQL call costs ~10 us; called only from functions that
--- set search_path).
+-- parley_floor_rows gives the two lowest positions as rows, parley_read_floor
+-- the three values as one row. Both are SQL functions without SET clauses,
+-- which PostgreSQL inlines where they are called in FROM (a PL/pgSQL call costs
+-- ~10 us; called only from functions that set search_path).
 create or replace function parley_floor_rows(p_conversation bigint)
 returns table (user_id text, pos bigint)
 language sql stable
@@ -177,24 +177,14 @@ as $$
      limit 2
 $$;
 
-create or replace function parley_read_floor(p_conversation bigint,
-    out min_user text, out min_read bigint, out next_read bigint)
-language plpgsql stable
-set search_path from current
+create or replace function parley_read_floor(p_conversation bigint)
+returns table (min_user text, min_read bigint, next_read bigint)
+language sql stable
 as $$
-declare
-    r record;
-begin
-    for r in select f.user_id, f.pos from parley_floor_rows(p_conversation) f
-              order by f.pos, f.user_id loop
-        if min_user is null then
-            min_user := r.user_id;
-            min_read := r.pos;
-        else
-            next_read := r.pos;
-        end if;
-    end loop;
-end
+    select (array_agg(f.user_id order by f.pos, f.user_id))[1],
+           (array_agg(f.pos order by f.pos, f.user_id))[1],
+           (array_agg(f.pos order by f.pos, f.user_id))[2]
+      from parley_floor_rows(p_conversation) f
 $$;
 
 create or replace function parley_is_read(p_id bigint, p_sender text,
@@ -240,7 +230,7 @@ begin
     if not found then
         return null;
     end if;
-    f := parley_read_floor(m.conversation_id);
+    select * into f from parley_read_floor(m.conversation_id);
     return parley_message_json(m, (select name from users where id = m.sender_id),
                                parley_is_read(m.id, m.sender_id,
                                               f.min_user, f.min_read, f.next_read));

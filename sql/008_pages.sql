@@ -93,67 +93,50 @@ as $$
                  where p.conversation_id = c.id and p.user_id = p_viewer))
 $$;
 
-create or replace function parley_can_read(p_conversation bigint, p_viewer text)
-returns boolean
-language plpgsql stable
-set search_path from current
-as $$
-begin
-    return exists (select 1 from parley_readable(p_conversation, p_viewer));
-end
-$$;
-
 -- A page of history, oldest first, as rows: the server renders the message
 -- objects (src/message.c, message_render; JSON built here costs ~15 us a
 -- message, ten times the query). The columns are the fields of
 -- parley_message_json() in its order; `extra` marks the one row past the page
--- (limit+1 rows are read) that says has_more. With p_after: the first page
--- after it (below p_before when given); otherwise the latest page (below
--- p_before when given). Each branch is a backward or forward range scan of
--- messages (conversation_id, id); the other one's guard is false. The plan is
--- the same for every call: planning it again each time (PL/pgSQL's default
--- here) took longer than running it. In that generic plan the page's size is
--- a parameter, guessed at a tenth of the conversation: joined to users, it
--- read the whole users table into a hash at every page (100 ms with 200,000
--- users), so each sender's name is looked up by key, and once per sender
--- of the page rather than once per row (a page of a two-person conversation
--- made 51 lookups for 2 names; deep pages in pgbench: 5,000 -> 6,000/s).
-create or replace function parley_history(p_conversation bigint, p_viewer text,
-    p_before bigint, p_after bigint, p_limit integer)
+-- (limit+1 rows are read) that says has_more. With p_forward: the first page
+-- after p_after (below p_before when given); otherwise the latest page (below
+-- p_before when given). Each direction is a range scan of messages
+-- (conversation_id, id), backward or forward; callers pass p_forward as a
+-- constant, so the other direction is planned away. A plan that kept both
+-- behind run-time guards cost about a twentieth more CPU per deep page
+-- (pgbench: 280 -> 265 us), starting up the scan it did not run.
+--
+-- A SQL function without SET clauses, which PostgreSQL inlines into its
+-- caller's statement. The reader check is an InitPlan in a one-time filter of
+-- the whole statement, so it runs first, even when the page is empty, and
+-- fails the call as parley_fail does (404). Callers run a generic plan
+-- (planning it at every call took longer than running it), in which the
+-- page's size is a parameter, guessed at a tenth of the conversation: joined to
+-- users, it read the whole users table into a hash at every page (100 ms with
+-- 200,000 users). So each sender's name is looked up by key, and once per
+-- sender of the page rather than once per row (a page of a two-person
+-- conversation made 51 lookups for 2 names; deep pages in pgbench: 5,000 ->
+-- 6,000/s).
+create or replace function parley_history_rows(p_conversation bigint, p_viewer text,
+    p_before bigint, p_after bigint, p_limit integer, p_forward boolean)
 returns table (id bigint, conversation_id bigint, sender_id text, sender_name text,
                content text, type text, metadata text, client_id text,
                ts text, is_read boolean, extra boolean)
-language plpgsql stable
-set search_path from current
-set plan_cache_mode = force_generic_plan
+language sql stable
 as $$
-#variable_conflict use_column
-declare
-    v_limit integer := least(greatest(coalesce(p_limit, 50), 1), 1000);
-    v_before bigint := coalesce(p_before, 9223372036854775807);
-    f record;
-begin
-    if not parley_can_read(p_conversation, p_viewer) then
-        perform parley_fail(404, 'not_found', 'no such conversation, or not a participant');
-    end if;
-
-    f := parley_read_floor(p_conversation);
-
-    return query
     with page as materialized (
         (select b.*, row_number() over (order by b.id desc) as n
            from messages b
-          where p_after is null and b.conversation_id = p_conversation
-            and b.id < v_before
+          where not p_forward and b.conversation_id = p_conversation
+            and b.id < coalesce(p_before, 9223372036854775807)
           order by b.id desc
-          limit v_limit + 1)
+          limit least(greatest(coalesce(p_limit, 50), 1), 1000) + 1)
         union all
         (select a.*, row_number() over (order by a.id) as n
            from messages a
-          where p_after is not null and a.conversation_id = p_conversation
-            and a.id > p_after and a.id < v_before
+          where p_forward and a.conversation_id = p_conversation
+            and a.id > p_after and a.id < coalesce(p_before, 9223372036854775807)
           order by a.id
-          limit v_limit + 1)),
+          limit least(greatest(coalesce(p_limit, 50), 1), 1000) + 1)),
     names as materialized (
         select s.sender_id, (select u.name from users u where u.id = s.sender_id) as name
           from (select distinct p.sender_id from page p) s
@@ -163,10 +146,38 @@ begin
                 then coalesce(x.name, 'user ' || m.sender_id) end,
            m.content, m.type, m.metadata::text, m.client_id, parley_ts(m.created_at),
            parley_is_read(m.id, m.sender_id, f.min_user, f.min_read, f.next_read),
-           m.n > v_limit
+           m.n > least(greatest(coalesce(p_limit, 50), 1), 1000)
       from page m
       left join names x on x.sender_id = m.sender_id
-     order by m.id;
+      cross join parley_read_floor(p_conversation) f
+     where (select case when exists (select from parley_readable(p_conversation, p_viewer))
+                        then true
+                        else parley_fail(404, 'not_found',
+                                         'no such conversation, or not a participant') is null
+                   end)
+     order by m.id
+$$;
+
+-- parley_history_rows for the server (REST pages, socket replays): with
+-- p_after, the first page after it, else the latest (below p_before when
+-- given). Each branch is a statement of its own with its own generic plan.
+create or replace function parley_history(p_conversation bigint, p_viewer text,
+    p_before bigint, p_after bigint, p_limit integer)
+returns table (id bigint, conversation_id bigint, sender_id text, sender_name text,
+               content text, type text, metadata text, client_id text,
+               ts text, is_read boolean, extra boolean)
+language plpgsql stable
+set search_path from current
+set plan_cache_mode = force_generic_plan
+as $$
+begin
+    if p_after is null then
+        return query select * from parley_history_rows(p_conversation, p_viewer,
+                                                       p_before, null, p_limit, false);
+    else
+        return query select * from parley_history_rows(p_conversation, p_viewer,
+                                                       p_before, p_after, p_limit, true);
+    end if;
 end
 $$;
 
@@ -177,7 +188,7 @@ $$;
 -- element (idx its position) a header row: status 404 when the viewer may
 -- not read, else 200 with `extra` true when the kept page is unchanged and
 -- `stamp` the page's stamp now. Then, for each changed page, its rows
--- (parley_history, status 200, stamp null). One snapshot for all (a stable
+-- (parley_history_rows, status 200, stamp null). One snapshot for all (a stable
 -- function), so each stamp is exactly that of its rows. The headers are one
 -- statement for the whole batch: a page answered from memory costs the
 -- database a few index lookups of a shared call, not a call of its own
@@ -215,7 +226,8 @@ begin
         return next;
         if a.stamp is not null and a.stamp is distinct from a.known then
             return query select h.*, null::text, a.idx, 200
-                           from parley_history(a.conv, a.viewer, null, null, a.lim) h;
+                           from parley_history_rows(a.conv, a.viewer, null, null,
+                                                    a.lim, false) h;
         end if;
     end loop;
 end

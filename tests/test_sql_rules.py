@@ -724,6 +724,14 @@ def test_history_pages_and_sync(conn):
     assert history_page(conn, conv, None, None, None, 100) == (ids, False)
     expect_px(conn, 404, "not_found", "select * from parley_history(%s, %s, %s, %s, %s)",
               conv, new_id("nobody"), None, None, 3)
+    # The reader check runs before the page is read: an empty page is no answer.
+    empty = create(conn, a, [a, b], kind="job", ref=new_id())["conversation"]["id"]
+    assert history_page(conn, empty, a, None, None, 3) == ([], False)
+    assert history_page(conn, empty, None, None, 0, 3) == ([], False)
+    for who, where in ((new_id("nobody"), empty), (a, empty + 1000000),
+                       (None, empty + 1000000)):
+        expect_px(conn, 404, "not_found", "select * from parley_history(%s, %s, %s, %s, %s)",
+                  where, who, None, None, 3)
 
     # A socket's sync is a service-style page after an id.
     assert history_page(conn, conv, None, None, ids[2], 3) == (ids[3:6], True)
