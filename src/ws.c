@@ -756,9 +756,16 @@ ws_synced(struct db_result *r, void *arg)
 	n = PQntuples(r->res);
 	kore_buf_init(&buf, 1024);
 	for (i = 0; i < n && s->state == SESSION_OPEN; i++) {
-		if (s->kind == SESSION_CHAT ?
+		/*
+		 * The row past the page; or the replay's frames wait unsent
+		 * past half the output bound: the client reads slower than a
+		 * page is queued, and all of it would close the socket (4029)
+		 * though it reads. Either way it asks again from `last`.
+		 */
+		if ((s->kind == SESSION_CHAT ?
 		    *PQgetvalue(r->res, i, MESSAGE_COLUMNS) == 't' :
-		    i == s->sync_limit) {
+		    i == s->sync_limit) || (i > 0 &&
+		    ws_pending_bytes(s->c) > parley_cfg.max_output_bytes / 2)) {
 			more = 1;
 			break;
 		}

@@ -237,8 +237,8 @@ class WS:
 
     def __init__(self, server, path, token=None, via="subprotocol",
                  origin=None, timeout=10, subprotocols=None, header=None,
-                 suppress_origin=False):
-        self.ws = websocket.WebSocket()
+                 suppress_origin=False, sockopt=()):
+        self.ws = websocket.WebSocket(sockopt=sockopt)
         kw = {"timeout": timeout, "header": list(header or []),
               "suppress_origin": suppress_origin}
         url = server.ws_base + path

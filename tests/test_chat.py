@@ -9,6 +9,7 @@ settings start their own server with make_server.
 import json
 import re
 import signal
+import socket
 import threading
 import time
 
@@ -1832,3 +1833,37 @@ def test_sockets_closed_while_opening_leave_nobody_online(server, conn):
     wait_for(gone, 10)
     time.sleep(1)
     assert gone()
+
+
+def test_sync_of_long_messages_reaches_a_slow_reader(make_server, conn, sockets, pair):
+    """A replay whose frames wait unsent past half the output bound stops
+    there with has_more, and the client asks again: a client that reads,
+    through a small receive window, gets 500 messages of 4,000 characters
+    (2 MB, thirty times the bound here) in several pages, and is never
+    closed as a slow consumer (4029 is for a client that stopped reading)."""
+    conv, (a, b), (na, nb) = pair
+    sql_one(conn, "INSERT INTO messages (conversation_id, sender_id, "
+            "content) SELECT %s, %s, repeat('x', 3990) || g FROM "
+            "generate_series(1, 500) g", conv, a)
+    ids = [r[0] for r in sql_rows(conn, "SELECT id FROM messages WHERE "
+                                  "conversation_id = %s ORDER BY id", conv)]
+    server = make_server(PARLEY_MAX_OUTPUT_BYTES="65536")
+    small = ((socket.SOL_SOCKET, socket.SO_RCVBUF, 16384),)
+    for after in (None, 0):         # asked with sync, or at connect
+        wb = join(sockets, server, conv, b, nb, after=after, sockopt=small)
+        if after is None:
+            wb.send({"type": "sync", "after": 0, "limit": 500})
+        got, pages = [], []
+        while True:
+            msgs, synced = _collect_sync(wb)
+            got += [m["message"]["id"] for m in msgs]
+            pages.append(len(msgs))
+            assert msgs and synced["last_message_id"] == got[-1]
+            if not synced["has_more"]:
+                break
+            wb.send({"type": "sync", "after": synced["last_message_id"],
+                     "limit": 500})
+        assert got == ids
+        if after is None:
+            assert pages[0] < 500, pages            # cut short, not 4029
+        wb.close()
