@@ -360,6 +360,17 @@ def sql_rows(conn, sql, *args):
         return cur.fetchall()
 
 
+def messages_stored(conn, conv, sender, prefix, n):
+    """n messages of sender's in one INSERT, prefix and a number each; the
+    ids of the conversation's messages, oldest first."""
+    conn.cursor().execute(
+        "INSERT INTO messages (conversation_id, sender_id, content) "
+        "SELECT %s, %s, %s || g FROM generate_series(1, %s) g",
+        (conv, sender, prefix, n))
+    return [r[0] for r in sql_rows(conn, "SELECT id FROM messages WHERE "
+                                   "conversation_id = %s ORDER BY id", conv)]
+
+
 def create_conversation(conn, members, title=None, kind=None, ref=None,
                         system_message=None, creator=None):
     """Create (or get) a conversation with plain SQL; returns its id."""

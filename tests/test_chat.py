@@ -17,9 +17,9 @@ import pytest
 import requests
 import websocket
 
-from helpers import (message_ids, WS, Closed, create_conversation,
-                     make_token, metrics, new_id, service_token, sql_one,
-                     sql_rows, wait_for, SECRET)
+from helpers import (message_ids, messages_stored, WS, Closed,
+                     create_conversation, make_token, metrics, new_id,
+                     service_token, sql_one, sql_rows, wait_for, SECRET)
 
 TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
@@ -1097,11 +1097,7 @@ def test_sync_replay_and_paging(server, conn, sockets, pair):
 
 def test_sync_limit_default_200_max_500(server, conn, sockets, pair):
     conv, (a, b), (na, nb) = pair
-    sql_one(conn, "INSERT INTO messages (conversation_id, sender_id, "
-            "content) SELECT %s, %s, 'bulk ' || g FROM "
-            "generate_series(1, 520) g", conv, a)
-    ids = [r[0] for r in sql_rows(conn, "SELECT id FROM messages WHERE "
-                                  "conversation_id = %s ORDER BY id", conv)]
+    ids = messages_stored(conn, conv, a, "bulk ", 520)
     wb = join(sockets, server, conv, b, nb)
     wb.send({"type": "sync", "after": 0})
     msgs, synced = _collect_sync(wb)
@@ -1842,11 +1838,7 @@ def test_sync_of_long_messages_reaches_a_slow_reader(make_server, conn, sockets,
     (2 MB, thirty times the bound here) in several pages, and is never
     closed as a slow consumer (4029 is for a client that stopped reading)."""
     conv, (a, b), (na, nb) = pair
-    sql_one(conn, "INSERT INTO messages (conversation_id, sender_id, "
-            "content) SELECT %s, %s, repeat('x', 3990) || g FROM "
-            "generate_series(1, 500) g", conv, a)
-    ids = [r[0] for r in sql_rows(conn, "SELECT id FROM messages WHERE "
-                                  "conversation_id = %s ORDER BY id", conv)]
+    ids = messages_stored(conn, conv, a, "x" * 3990, 500)
     server = make_server(PARLEY_MAX_OUTPUT_BYTES="65536")
     small = ((socket.SOL_SOCKET, socket.SO_RCVBUF, 16384),)
     for after in (None, 0):         # asked with sync, or at connect

@@ -18,8 +18,8 @@ import pytest
 import requests
 
 from helpers import (api, create_conversation, kill_parley_backends,
-                     make_token, message_ids, metrics, new_id, parley_cut_off,
-                     sql_one, sql_rows, wait_for)
+                     make_token, message_ids, messages_stored, metrics, new_id,
+                     parley_cut_off, sql_one, sql_rows, wait_for)
 
 
 # ---------------------------------------------------------------------------
@@ -214,14 +214,6 @@ def opens_slowed(conn, user, seconds):
             IF p_user = %s THEN PERFORM pg_sleep(%s); END IF;
             RETURN v;
         END""", user, seconds)
-
-
-def messages_stored(conn, conv, sender, prefix, n):
-    """n messages of sender's in one INSERT, prefix and a number each."""
-    conn.cursor().execute(
-        "INSERT INTO messages (conversation_id, sender_id, content) "
-        "SELECT %s, %s, %s || g FROM generate_series(1, %s) g",
-        (conv, sender, prefix, n))
 
 
 def stored(conn, conv):
