@@ -393,7 +393,7 @@ db_conn_poll(void *arg, u_int64_t now)
 	pfd.events = conn->connect_wait;
 	pfd.revents = 0;
 	if (pfd.fd != -1 && poll(&pfd, 1, 0) != 1) {
-		if (now - conn->connect_started <
+		if (util_elapsed(now, conn->connect_started) <
 		    parley_cfg.db_connect_timeout_ms)
 			return;
 		why = "connect timed out";
@@ -737,16 +737,17 @@ db_sweep(void *unused, u_int64_t now)
 
 	for (i = 0; i < parley_cfg.db_pool_size; i++) {
 		if (db_conns[i].state == DB_CONN_BUSY &&
-		    now - db_conns[i].query->started > parley_cfg.db_timeout_ms)
+		    util_elapsed(now, db_conns[i].query->started) >
+		    parley_cfg.db_timeout_ms)
 			db_conn_fail(&db_conns[i], "query timed out");
 	}
 
 	conn = &db_conns[parley_cfg.db_pool_size];
 	if (conn->state == DB_CONN_BUSY &&
-	    now - conn->sent > parley_cfg.db_timeout_ms)
+	    util_elapsed(now, conn->sent) > parley_cfg.db_timeout_ms)
 		db_conn_fail(conn, "LISTEN connection stopped answering");
 	else if (conn->state == DB_CONN_IDLE &&
-	    now - conn->sent >= DB_LISTEN_PING)
+	    util_elapsed(now, conn->sent) >= DB_LISTEN_PING)
 		db_listen_send(conn, DB_LISTEN_PING_SQL);
 }
 

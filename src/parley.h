@@ -393,6 +393,7 @@ int	util_parse_int64(const char *, int64_t, int64_t, int64_t *);
 int	util_query_get(struct http_request *, const char *, char *, size_t);
 int64_t	util_now(void);
 void	util_backoff(u_int64_t *);
+u_int64_t	util_elapsed(u_int64_t, u_int64_t);
 int	util_path_id(struct http_request *, int64_t *);
 void	util_buf_reserve(struct kore_buf *, size_t);
 

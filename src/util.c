@@ -102,6 +102,19 @@ util_now(void)
 }
 
 /* The next wait before trying again: 0.1 s, doubling up to 5 s. */
+/*
+ * Milliseconds from since to now, 0 when since is later: a timer gets the
+ * time its run started, and an earlier timer of the same run may already
+ * have stamped something with a later kore_time_ms() (the unsigned
+ * difference then read as years, and a query sent a moment ago "timed
+ * out").
+ */
+u_int64_t
+util_elapsed(u_int64_t now, u_int64_t since)
+{
+	return (now > since ? now - since : 0);
+}
+
 void
 util_backoff(u_int64_t *ms)
 {

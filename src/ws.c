@@ -962,7 +962,7 @@ ws_sweep(void *unused, u_int64_t now)
 	for (s = TAILQ_FIRST(&ws_sessions); s != NULL; s = next) {
 		next = TAILQ_NEXT(s, all_list);
 		if (s->state == SESSION_CLOSED &&
-		    now - s->closed_at > WS_CLOSE_GRACE_MS) {
+		    util_elapsed(now, s->closed_at) > WS_CLOSE_GRACE_MS) {
 			kore_connection_disconnect(s->c);
 			continue;
 		}
@@ -974,7 +974,8 @@ ws_sweep(void *unused, u_int64_t now)
 			continue;
 		}
 
-		if (now - s->c->idle_timer.start > parley_cfg.idle_timeout_ms) {
+		if (util_elapsed(now, s->c->idle_timer.start) >
+		    parley_cfg.idle_timeout_ms) {
 			ws_close(s, WS_CLOSE_GOING_AWAY, "idle_timeout");
 			continue;
 		}
@@ -982,7 +983,8 @@ ws_sweep(void *unused, u_int64_t now)
 		if (s->typing_until != 0 && now >= s->typing_until)
 			chat_typing_expired(s);
 
-		if (now - s->pinged >= parley_cfg.ping_interval_ms) {
+		if (util_elapsed(now, s->pinged) >=
+		    parley_cfg.ping_interval_ms) {
 			s->pinged = now;
 			ws_send_frame(s, ping, sizeof(ping));
 		}
