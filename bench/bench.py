@@ -118,7 +118,7 @@ def machine():
 
 def measure(argv):
     opts = {"--out": None, "--server-pid": "0", "--pg-pid": "0",
-            "--label": ""}
+            "--label": "", "--server-log": None}
     i = 0
     while i < len(argv) and argv[i] != "--":
         opts[argv[i]] = argv[i + 1]
@@ -153,6 +153,7 @@ def measure(argv):
     th = threading.Thread(target=sampler, daemon=True)
     th.start()
 
+    log0 = log_size(opts["--server-log"])
     s0, p0 = tree_cpu(spid), tree_cpu(ppid)
     m0 = machine_ticks()
     t0 = time.monotonic()
@@ -204,12 +205,37 @@ def measure(argv):
             "cores": os.cpu_count(),
         },
         "server_rss_kb": {"before": rss0, "peak": peak[0], "after": rss1},
+        "server_log": log_problems(opts["--server-log"], log0),
         "timeline": timeline,
         "outputs": outputs,
     }
     with open(opts["--out"], "w") as f:
         json.dump(rec, f, indent=1)
     return 0 if all(c == 0 for c in codes) else 1
+
+
+# What the server logged during a step that says a step's figures are not
+# the server's normal work: a database connection dropped, a query that
+# failed or was canceled. (A spurious query timeout, a timer bug fixed in
+# the fourteenth round, showed only there.)
+LOG_PROBLEM = re.compile(r"database connection lost|query failed|query canceled"
+                         r"|drain failed|LISTEN connection")
+
+
+def log_size(path):
+    try:
+        return os.path.getsize(path) if path else None
+    except OSError:
+        return None
+
+
+def log_problems(path, start):
+    if start is None:
+        return None
+    with open(path, errors="replace") as f:
+        f.seek(start)
+        lines = [ln.rstrip("\n") for ln in f if LOG_PROBLEM.search(ln)]
+    return {"problems": len(lines), "first": lines[:5]}
 
 
 def json_lines(text):
@@ -333,7 +359,8 @@ def scenario(name, params_path, step_paths):
            "machine": machine(), "params": params, "steps": []}
     for s in steps:
         st = {"label": s["label"], "wall_s": s["wall_s"], "cpu": cpu_of(s),
-              "server_rss_kb": s["server_rss_kb"], "exit_codes": s["exit_codes"]}
+              "server_rss_kb": s["server_rss_kb"], "exit_codes": s["exit_codes"],
+              "server_log": s.get("server_log")}
         if name == "pgbench":
             st["pgbench"] = parse_pgbench(s["outputs"][0])
             # batch<k>c<n>: k sends per transaction; c<n>: one
@@ -521,6 +548,12 @@ def summary(path):
                 fmt(c["generator_pct"]), fmt(c["other_pct"]),
                 busy_cell(c)))
     w("\nVerdict: `%s`\n" % json.dumps(r["verdict"]))
+    logs = [(s["label"], s.get("server_log")) for s in r["steps"]]
+    bad = [(label, g) for label, g in logs if g and g["problems"]]
+    if any(g is not None for _, g in logs):
+        w("\nServer log during the steps: %s\n" % ("; ".join(
+            "%s: %d problem line(s), first `%s`" % (label, g["problems"], g["first"][0])
+            for label, g in bad) if bad else "no problem lines"))
     if n == "idle":
         s = r["steps"][0]
         w("\nServer RSS kB: `%s`; holding the sockets, after the connects: `%s`\n"

@@ -26,6 +26,7 @@ URL=ws://127.0.0.1:$PORT
 API=http://127.0.0.1:$PORT
 FLAVOR=${BENCH_FLAVOR:-prod}
 SERVER_PID=0
+SERVER_LOG=
 PG_PID=0
 LG="$BENCH/loadgen --url $URL --secret $SECRET"
 
@@ -163,6 +164,7 @@ start_server() {
 		    "$BIN" -f -n -r >"$dir/server.log" 2>&1
 	) &
 	SERVER_PID=$!
+	SERVER_LOG=$dir/server.log
 	local i
 	for i in $(seq 1 300); do
 		curl -fs "$API/readyz" >/dev/null 2>&1 && break
@@ -206,6 +208,7 @@ measure() {
 	STEPS+=("$RAW/$SCEN-$label.json")
 	"$PY" "$BENCH/bench.py" measure --out "$RAW/$SCEN-$label.json" \
 	    --label "$label" --server-pid "$SERVER_PID" --pg-pid "$PG_PID" \
+	    --server-log "$SERVER_LOG" \
 	    -- "$@" || log "$SCEN $label: a command failed (see $RAW/$SCEN-$label.json)"
 }
 
