@@ -186,6 +186,17 @@ as $$
 declare
     v_gone record;
 begin
+    -- The users first, in the order parley_nodes_forget takes them: a
+    -- worker stopping forgets its node's sockets while its last closes may
+    -- still run, and a close that deleted its rows before waiting for
+    -- their user deadlocked with it.
+    perform parley_user_lock(user_id)
+       from (select distinct s.user_id
+               from parley_sockets s,
+                    jsonb_array_elements(p_batch) e
+              where s.node = e->>'n' and s.socket_id = (e->>'s')::bigint
+                and s.conversation_id is not null
+              order by 1) u;
     for v_gone in
         with closed as (
             select e->>'n' as node, (e->>'s')::bigint as socket_id,
@@ -202,7 +213,6 @@ begin
          group by user_id, conversation_id
          order by user_id, conversation_id
     loop
-        perform parley_user_lock(v_gone.user_id);
         if v_gone.typing then
             perform parley_emit_typing(v_gone.conversation_id, v_gone.user_id, false);
         end if;

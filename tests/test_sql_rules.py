@@ -961,6 +961,35 @@ def test_two_tabs_closing_at_once_make_one_offline(pg, conn, listener):
     assert one(conn, "select parley_user_online(%s, %s)", conv, a) is False
 
 
+def test_a_close_and_a_stopping_node_do_not_deadlock(pg, conn, listener):
+    """A worker that stops forgets its node's sockets (users locked first)
+    while its last close may still be in flight: a close that deleted its
+    socket and then waited for the user deadlocked with it."""
+    a, b = touch(conn, "Ana", "Bob")
+    conv = create(conn, a, [a, b])["conversation"]["id"]
+    node, tab = "stopping-node", next(SOCKETS)
+    chat_open(conn, conv, a, tab, node=node)
+    conn.commit()
+    forget, closer = connect(pg), connect(pg)
+    try:
+        one(forget, "set deadlock_timeout = '100ms'")
+        one(forget, "select parley_user_lock(%s)", a)     # forget's first step
+        one(closer, "set deadlock_timeout = '100ms'")
+        box = run_in_thread(lambda c: one(c, "select parley_sockets_close(%s::jsonb)",
+                                          json.dumps([{"n": node, "s": tab}])), closer)
+        wait_blocked(conn, closer.get_backend_pid())
+        one(forget, "set local lock_timeout = '3s'")
+        one(forget, "select parley_nodes_forget(array[%s])", node)
+        forget.commit()
+        finish(box)
+        closer.commit()
+    finally:
+        forget.close()
+        closer.close()
+    assert one(conn, "select count(*) from parley_sockets where node = %s", node) == 0
+    assert presence_events(listener, conv) == ["online", "offline"]
+
+
 def test_closes_in_one_call_each_send_what_one_would(pg, conn, listener):
     a, b, c = touch(conn, "Ana", "Bob", "Cy")
     conv = create(conn, a, [a, b, c])["conversation"]["id"]
