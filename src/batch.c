@@ -28,6 +28,20 @@
  * A send is acknowledged only after its batch committed. A socket has one
  * send in flight at a time, so its sends keep their order.
  *
+ * The two users of a conversation usually sit on different workers, so the
+ * workers' send batches lock the same conversations and run one after the
+ * other: together they are one pipeline, and past what it writes the sends
+ * queue until a socket's queue is full, with CPU to spare (bench/README.md,
+ * fifteenth round). A worker whose sends wait PARLEY_SEND_SPLIT_MS for
+ * their batch therefore splits them into PARLEY_SEND_LANES lanes by
+ * conversation id, one call in flight per lane: every worker splits the
+ * same way, so batches of different lanes share no conversation and run
+ * side by side. Lanes make smaller batches, each with the call's fixed
+ * cost, so a worker goes back to one lane once its sends are answered
+ * promptly again. Lanes never break an order: a socket's sends stay in
+ * order (one in flight), and a conversation's ids are drawn under its lock
+ * whichever batch holds it.
+ *
  * Closes have nobody to answer, and one that never reached the registry
  * would leave its user online (and counted against the socket cap) for as
  * long as the worker lives: a failed close batch waits and goes again,
@@ -43,11 +57,15 @@
 
 #define BATCH_MAX		256
 
+/* One lane again once sends waited under half the split wait this long. */
+#define BATCH_JOIN_AFTER_MS	2000
+
 struct batch_item {
 	TAILQ_ENTRY(batch_item)	list;
 	struct batcher		*owner;
 	struct session		*session;
 	u_int64_t		socket_id;
+	u_int64_t		received;	/* a send: its frame arrived */
 	struct kore_buf		json;
 };
 
@@ -84,12 +102,11 @@ static void	batch_done(struct db_result *, void *);
 static void	batch_again(struct batch *);
 static void	batch_again_flush(void *, u_int64_t);
 
-static struct batcher	batch_sends = {
-	"SELECT idx, status, body, code, message "
-	"FROM parley_post_messages($1::jsonb)",
-	BATCH_MAX, chat_sent, 0, TAILQ_HEAD_INITIALIZER(batch_sends.pending),
-	NULL, 0, 0
-};
+static void	batch_lanes_adapt(struct batcher *);
+
+static struct batcher	batch_sends[PARLEY_SEND_LANES_MAX];
+static int		batch_lanes_used = 1;
+static u_int64_t	batch_calm_since;
 
 /*
  * Opens run in a subtransaction each: PostgreSQL caches 64 per backend. A
@@ -110,13 +127,30 @@ static struct batcher	batch_closes = {
 	0, 0
 };
 
+void
+batch_init(void)
+{
+	int		i;
+
+	for (i = 0; i < parley_cfg.send_lanes; i++) {
+		batch_sends[i].sql = "SELECT idx, status, body, code, message "
+		    "FROM parley_post_messages($1::jsonb)";
+		batch_sends[i].max = BATCH_MAX;
+		batch_sends[i].answer = chat_sent;
+		TAILQ_INIT(&batch_sends[i].pending);
+	}
+}
+
 /* Queue a validated send of session s; its answer goes to chat_sent(). */
 void
 batch_send(struct session *s, struct message_in *m)
 {
 	struct batch_item	*item;
+	struct batcher		*lane;
 
-	item = batch_item_new(&batch_sends, s, s->id, 128 + m->content_len);
+	lane = &batch_sends[s->conversation_id % batch_lanes_used];
+	item = batch_item_new(lane, s, s->id, 128 + m->content_len);
+	item->received = s->send_received;
 	kore_buf_appendf(&item->json, "{\"c\":%lld,\"s\":",
 	    (long long)s->conversation_id);
 	json_append_string(&item->json, s->ident.user_id,
@@ -230,6 +264,10 @@ batch_flush(struct batcher *owner)
 
 	if (TAILQ_EMPTY(&owner->pending))
 		return;
+	if (owner->answer == chat_sent) {
+		batch_lanes_adapt(owner);
+		metrics_send_batch();
+	}
 
 	b = kore_calloc(1, sizeof(*b));
 	b->owner = owner;
@@ -317,6 +355,38 @@ batch_done(struct db_result *r, void *arg)
 	kore_free(b);
 	owner->inflight = NULL;
 	batch_flush(owner);
+}
+
+/*
+ * Split when the oldest send of a batch about to go arrived the split wait
+ * ago (it may have waited in its socket's queue behind the socket's
+ * previous send); join when every batch's oldest waited under half of it
+ * for a while.
+ */
+static void
+batch_lanes_adapt(struct batcher *lane)
+{
+	u_int64_t	now, waited;
+
+	now = kore_time_ms();
+	waited = util_elapsed(now, TAILQ_FIRST(&lane->pending)->received);
+
+	if (waited >= parley_cfg.send_split_ms) {
+		batch_calm_since = 0;
+		if (batch_lanes_used == 1 && parley_cfg.send_lanes > 1) {
+			batch_lanes_used = parley_cfg.send_lanes;
+			metrics_send_split();
+		}
+		return;
+	}
+	if (batch_lanes_used == 1 || waited >= parley_cfg.send_split_ms / 2) {
+		batch_calm_since = 0;
+		return;
+	}
+	if (batch_calm_since == 0)
+		batch_calm_since = now;
+	else if (util_elapsed(now, batch_calm_since) >= BATCH_JOIN_AFTER_MS)
+		batch_lanes_used = 1;
 }
 
 /* A batch nobody waits for failed: back to the front of the line, later. */

@@ -100,6 +100,10 @@ config_load(void)
 		"PARLEY_DRAIN_TIMEOUT", 1, 600, 10, 1000 };
 	static const struct int_setting	bus_queue = {
 		"PARLEY_BUS_QUEUE_MAX", 100, 10000000, 100000, 1 };
+	static const struct int_setting	lanes = {
+		"PARLEY_SEND_LANES", 1, PARLEY_SEND_LANES_MAX, 2, 1 };
+	static const struct int_setting	split = {
+		"PARLEY_SEND_SPLIT_MS", 0, 60000, 50, 1 };
 
 	memset(&parley_cfg, 0, sizeof(parley_cfg));
 
@@ -122,6 +126,8 @@ config_load(void)
 	parley_cfg.drain_timeout_ms = config_int(&drain);
 	parley_cfg.bus_queue_max = config_int(&bus_queue);
 	parley_cfg.page_cache_bytes = config_int(&page_cache);
+	parley_cfg.send_lanes = config_int(&lanes);
+	parley_cfg.send_split_ms = config_int(&split);
 
 	if (parley_cfg.ping_interval_ms >= parley_cfg.idle_timeout_ms)
 		config_fail("PARLEY_PING_INTERVAL must be below "

@@ -47,6 +47,8 @@ struct metrics_slot {
 	u_int64_t	frames_sent;
 	u_int64_t	db_errors;
 	u_int64_t	bus_overflows;
+	u_int64_t	send_batches;
+	u_int64_t	send_splits;
 	u_int64_t	pages[2];
 	u_int64_t	rejected[METRICS_REJECT_MAX];
 	u_int64_t	latency[METRICS_LATENCY_BUCKETS];
@@ -145,6 +147,20 @@ metrics_bus_overflow(void)
 	metrics_mine()->bus_overflows++;
 }
 
+/* A batch of sends went to the database. */
+void
+metrics_send_batch(void)
+{
+	metrics_mine()->send_batches++;
+}
+
+/* A worker split its sends into lanes. */
+void
+metrics_send_split(void)
+{
+	metrics_mine()->send_splits++;
+}
+
 /* A latest page answered from the worker's copy (kept) or rendered. */
 void
 metrics_page(int kept)
@@ -194,6 +210,8 @@ metrics_render(struct kore_buf *buf)
 		sum.frames_sent += metrics_slots[s].frames_sent;
 		sum.db_errors += metrics_slots[s].db_errors;
 		sum.bus_overflows += metrics_slots[s].bus_overflows;
+		sum.send_batches += metrics_slots[s].send_batches;
+		sum.send_splits += metrics_slots[s].send_splits;
 		sum.pages[0] += metrics_slots[s].pages[0];
 		sum.pages[1] += metrics_slots[s].pages[1];
 		sum.latency_count += metrics_slots[s].latency_count;
@@ -218,6 +236,12 @@ metrics_render(struct kore_buf *buf)
 	kore_buf_appendf(buf, "# TYPE parley_bus_overflows_total counter\n"
 	    "parley_bus_overflows_total %llu\n",
 	    (unsigned long long)sum.bus_overflows);
+	kore_buf_appendf(buf, "# TYPE parley_send_batches_total counter\n"
+	    "parley_send_batches_total %llu\n",
+	    (unsigned long long)sum.send_batches);
+	kore_buf_appendf(buf, "# TYPE parley_send_lane_splits_total counter\n"
+	    "parley_send_lane_splits_total %llu\n",
+	    (unsigned long long)sum.send_splits);
 	kore_buf_appendf(buf, "# TYPE parley_latest_pages_total counter\n"
 	    "parley_latest_pages_total{source=\"kept\"} %llu\n"
 	    "parley_latest_pages_total{source=\"database\"} %llu\n",

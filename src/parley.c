@@ -89,6 +89,7 @@ kore_worker_configure(void)
 	hub_init();
 	ws_init();
 	fanout_init();
+	batch_init();
 	db_init();
 }
 

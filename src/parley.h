@@ -29,6 +29,7 @@
 #define PARLEY_USER_ID_MAX	64
 #define PARLEY_NAME_MAX		128
 #define PARLEY_CLIENT_ID_MAX	64
+#define PARLEY_SEND_LANES_MAX	16
 
 /* Settings, read once from the environment by the parent (config.c). */
 struct parley_config {
@@ -63,6 +64,8 @@ struct parley_config {
 	u_int64_t	drain_timeout_ms;
 	int		bus_queue_max;
 	size_t		page_cache_bytes;
+	int		send_lanes;
+	u_int64_t	send_split_ms;
 };
 
 extern struct parley_config	parley_cfg;
@@ -247,6 +250,7 @@ void	chat_sent(struct session *, int, const char *, const char *,
 	    const char *);
 
 /* Batching of socket sends, opens and closes (batch.c). */
+void	batch_init(void);
 void	batch_send(struct session *, struct message_in *);
 void	batch_open(struct session *);
 void	batch_close(u_int64_t, int);
@@ -383,6 +387,8 @@ void	metrics_bus_overflow(void);
 void	metrics_page(int);
 void	metrics_rejected(int);
 void	metrics_send_latency(u_int64_t);
+void	metrics_send_batch(void);
+void	metrics_send_split(void);
 void	metrics_render(struct kore_buf *);
 
 /* Small utilities (util.c). */

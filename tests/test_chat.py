@@ -1642,6 +1642,56 @@ def test_concurrent_senders_and_reconnecting_reader(make_server, conn):
     assert count_messages(conn, conv) == total
 
 
+def test_sends_split_into_lanes_keep_every_order(make_server, conn, sockets):
+    """A busy worker writes its sends in lanes by conversation, one batch
+    in flight per lane (src/batch.c); PARLEY_SEND_SPLIT_MS=0 splits at
+    once. Each socket's sends are still acked in order, every conversation
+    delivers its messages once each in id order, and each is stored once."""
+    srv = make_server(PARLEY_RATE_MESSAGES="100000", PARLEY_SEND_LANES="3",
+                      PARLEY_SEND_SPLIT_MS="0")
+    per_socket = 40
+    before = metrics(srv)
+    convs = []
+    for _ in range(6):          # consecutive ids: every lane gets some
+        a, b = new_id(), new_id()
+        conv = create_conversation(conn, [a, b])
+        convs.append((conv, [join(sockets, srv, conv, u) for u in (a, b)]))
+
+    for conv, pair in convs:    # all at once, none waits for its acks
+        for n, ws in enumerate(pair):
+            for i in range(per_socket):
+                ws.send({"type": "message", "content": "m%d" % i,
+                         "client_id": "%d-%d-%d" % (conv, n, i)})
+
+    for conv, pair in convs:
+        for n, ws in enumerate(pair):
+            acks, live = [], []
+            while len(acks) < per_socket or len(live) < 2 * per_socket:
+                f = ws.recv(timeout=30)
+                if f["type"] == "ack":
+                    acks.append(f)
+                elif f["type"] == "message":
+                    live.append(f["message"]["id"])
+                else:
+                    assert f["type"] in ("presence", "read"), f
+            assert [f["client_id"] for f in acks] == [
+                "%d-%d-%d" % (conv, n, i) for i in range(per_socket)]
+            ids = [f["message_id"] for f in acks]
+            assert ids == sorted(ids) and len(set(ids)) == per_socket
+            assert live == sorted(live) and len(set(live)) == len(live)
+            assert set(ids) <= set(live)
+        stored = sql_rows(conn, "SELECT id FROM messages WHERE "
+                          "conversation_id = %s ORDER BY id", conv)
+        assert [r[0] for r in stored] == live
+
+    after = metrics(srv)
+    assert after["parley_send_lane_splits_total"] - before[
+        "parley_send_lane_splits_total"] >= 1
+    batches = after["parley_send_batches_total"] - before[
+        "parley_send_batches_total"]
+    assert 1 <= batches <= 12 * per_socket, batches
+
+
 def test_metrics(make_server, conn, sockets):
     srv = make_server()
     r = requests.get(srv.base + "/metrics", timeout=10)
@@ -1650,6 +1700,7 @@ def test_metrics(make_server, conn, sockets):
     for name in ("parley_sockets_open", "parley_messages_stored_total",
                  "parley_frames_sent_total", "parley_send_latency_seconds",
                  "parley_db_errors_total", "parley_bus_overflows_total",
+                 "parley_send_batches_total", "parley_send_lane_splits_total",
                  "parley_handshakes_rejected_total"):
         assert "# TYPE %s " % name in r.text, name
     before = metrics(srv)
@@ -1685,6 +1736,7 @@ def test_metrics(make_server, conn, sockets):
     assert delta('parley_sockets_open{kind="notifications"}') == 1
     assert delta("parley_messages_stored_total") == 3
     assert delta("parley_send_latency_seconds_count") == 4
+    assert 1 <= delta("parley_send_batches_total") <= 4
     assert delta('parley_send_latency_seconds_bucket{le="+Inf"}') == 4
     assert delta("parley_frames_sent_total") >= 3 * 2 + 4 + 3
     assert delta('parley_handshakes_rejected_total{reason="unauthenticated"}'
