@@ -24,6 +24,7 @@ import resource
 import subprocess
 import sys
 import threading
+import urllib.request
 import time
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -118,7 +119,7 @@ def machine():
 
 def measure(argv):
     opts = {"--out": None, "--server-pid": "0", "--pg-pid": "0",
-            "--label": "", "--server-log": None}
+            "--label": "", "--server-log": None, "--metrics-url": None}
     i = 0
     while i < len(argv) and argv[i] != "--":
         opts[argv[i]] = argv[i + 1]
@@ -154,6 +155,7 @@ def measure(argv):
     th.start()
 
     log0 = log_size(opts["--server-log"])
+    w0 = write_counters(opts["--metrics-url"])
     s0, p0 = tree_cpu(spid), tree_cpu(ppid)
     m0 = machine_ticks()
     t0 = time.monotonic()
@@ -173,6 +175,7 @@ def measure(argv):
     m1 = machine_ticks()
     s1, p1 = tree_cpu(spid), tree_cpu(ppid)
     rss1 = tree_rss_kb(spid)
+    w1 = write_counters(opts["--metrics-url"])
     stop.set()
     th.join()
     outputs = []
@@ -206,6 +209,7 @@ def measure(argv):
         },
         "server_rss_kb": {"before": rss0, "peak": peak[0], "after": rss1},
         "server_log": log_problems(opts["--server-log"], log0),
+        "write_path": write_path(w0, w1),
         "timeline": timeline,
         "outputs": outputs,
     }
@@ -227,6 +231,39 @@ def log_size(path):
         return os.path.getsize(path) if path else None
     except OSError:
         return None
+
+
+WRITE_COUNTERS = ("parley_messages_stored_total", "parley_send_batches_total",
+                  "parley_send_lane_splits_total")
+
+
+def write_counters(url):
+    """The server's write-path counters from /metrics (None without it)."""
+    if not url:
+        return None
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            text = r.read().decode()
+    except (OSError, ValueError):
+        return None
+    found = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in WRITE_COUNTERS:
+            found[name] = int(float(value))
+    return found
+
+
+def write_path(before, after):
+    """Sends stored, the batches that wrote them and the mean batch, and how
+    often a worker split its sends into lanes, during the step."""
+    if not before or not after:
+        return None
+    d = {k: after.get(k, 0) - before.get(k, 0) for k in WRITE_COUNTERS}
+    stored, batches = d[WRITE_COUNTERS[0]], d[WRITE_COUNTERS[1]]
+    return {"stored": stored, "batches": batches,
+            "mean_batch": round(stored / batches, 1) if batches else None,
+            "lane_splits": d[WRITE_COUNTERS[2]]}
 
 
 def log_problems(path, start):
@@ -360,7 +397,8 @@ def scenario(name, params_path, step_paths):
     for s in steps:
         st = {"label": s["label"], "wall_s": s["wall_s"], "cpu": cpu_of(s),
               "server_rss_kb": s["server_rss_kb"], "exit_codes": s["exit_codes"],
-              "server_log": s.get("server_log")}
+              "server_log": s.get("server_log"),
+              "write_path": s.get("write_path")}
         if name == "pgbench":
             st["pgbench"] = parse_pgbench(s["outputs"][0])
             # batch<k>c<n>: k sends per transaction; c<n>: one
@@ -554,6 +592,13 @@ def summary(path):
         w("\nServer log during the steps: %s\n" % ("; ".join(
             "%s: %d problem line(s), first `%s`" % (label, g["problems"], g["first"][0])
             for label, g in bad) if bad else "no problem lines"))
+    writes = [(s["label"], s.get("write_path")) for s in r["steps"]]
+    writes = [(label, g) for label, g in writes if g and g["batches"]]
+    if writes:
+        w("\nSends written (stored / batches = mean batch, lane splits): %s\n"
+          % "; ".join("%s: %d / %d = %s, %d" % (label, g["stored"], g["batches"],
+                                                g["mean_batch"], g["lane_splits"])
+                      for label, g in writes))
     if n == "idle":
         s = r["steps"][0]
         w("\nServer RSS kB: `%s`; holding the sockets, after the connects: `%s`\n"

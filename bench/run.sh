@@ -209,6 +209,7 @@ measure() {
 	"$PY" "$BENCH/bench.py" measure --out "$RAW/$SCEN-$label.json" \
 	    --label "$label" --server-pid "$SERVER_PID" --pg-pid "$PG_PID" \
 	    --server-log "$SERVER_LOG" \
+	    --metrics-url "http://127.0.0.1:$PORT/metrics" \
 	    -- "$@" || log "$SCEN $label: a command failed (see $RAW/$SCEN-$label.json)"
 }
 
