@@ -32,15 +32,15 @@
  * workers' send batches lock the same conversations and run one after the
  * other: together they are one pipeline, and past what it writes the sends
  * queue until a socket's queue is full, with CPU to spare (bench/README.md,
- * fifteenth round). A worker whose sends wait PARLEY_SEND_SPLIT_MS for
- * their batch therefore splits them into PARLEY_SEND_LANES lanes by
- * conversation id, one call in flight per lane: every worker splits the
- * same way, so batches of different lanes share no conversation and run
- * side by side. Lanes make smaller batches, each with the call's fixed
- * cost, so a worker goes back to one lane once its sends are answered
- * promptly again. Lanes never break an order: a socket's sends stay in
- * order (one in flight), and a conversation's ids are drawn under its lock
- * whichever batch holds it.
+ * fifteenth round). A worker whose sends go to the database
+ * PARLEY_SEND_SPLIT_MS after they arrived therefore splits them into
+ * PARLEY_SEND_LANES lanes by conversation id, one call in flight per lane:
+ * every worker splits the same way, so batches of different lanes share
+ * no conversation and run side by side. Lanes make smaller batches, each
+ * with the call's fixed cost, so a worker goes back to one lane once its
+ * sends are answered promptly again. Lanes never break an order: a
+ * socket's sends stay in order (one in flight), and a conversation's ids
+ * are drawn under its lock whichever batch holds it.
  *
  * Closes have nobody to answer, and one that never reached the registry
  * would leave its user online (and counted against the socket cap) for as

@@ -55,6 +55,9 @@ def base_env(pg):
     ({"PARLEY_BUS_QUEUE_MAX": "99"}, "PARLEY_BUS_QUEUE_MAX must be an integer"),
     ({"PARLEY_DB_TIMEOUT": "2"}, "PARLEY_DB_TIMEOUT must be an integer from 3"),
     ({"PARLEY_PAGE_CACHE_MB": "-1"}, "PARLEY_PAGE_CACHE_MB must be an integer from 0"),
+    ({"PARLEY_SEND_LANES": "17"}, "PARLEY_SEND_LANES must be an integer from 1 to 16"),
+    ({"PARLEY_SEND_LANES": "0"}, "PARLEY_SEND_LANES must be an integer from 1"),
+    ({"PARLEY_SEND_SPLIT_MS": "-1"}, "PARLEY_SEND_SPLIT_MS must be an integer from 0"),
 ])
 def test_bad_configuration_stops_with_one_clear_line(binary, pg, change, needle):
     env = base_env(pg)
