@@ -1692,6 +1692,48 @@ def test_sends_split_into_lanes_keep_every_order(make_server, conn, sockets):
     assert 1 <= batches <= 12 * per_socket, batches
 
 
+def test_lanes_split_when_sends_wait_and_join_when_calm(make_server, conn,
+                                                       sockets,
+                                                       conversation_lock):
+    """A worker splits its sends into lanes once one goes to the database
+    PARLEY_SEND_SPLIT_MS after it arrived (here: it waited in its socket's
+    queue behind a send held by a lock), and goes back to one lane after
+    2 s of prompt answers, so the next wait splits again."""
+    srv = make_server(PARLEY_RATE_MESSAGES="1000", PARLEY_SEND_SPLIT_MS="300")
+    a, b = new_id(), new_id()
+    conv = create_conversation(conn, [a, b])
+    wa = join(sockets, srv, conv, a)
+    splits = metrics(srv)["parley_send_lane_splits_total"]
+    n = [0]
+
+    def send(wait):
+        n[0] += 1
+        wa.send({"type": "message", "content": "x", "client_id": str(n[0])})
+        if wait:
+            wa.recv_until(lambda f: f["type"] == "ack" and
+                          f["client_id"] == str(n[0]))
+
+    def held_send():
+        conversation_lock.lock(conv)
+        send(False)             # in flight, waits for the lock
+        wait_for(lambda: _write_blocked(conn), 10, what="the write waits")
+        send(False)             # waits in the socket's queue behind it
+        time.sleep(0.6)
+        conversation_lock.release()
+        send(True)
+
+    held_send()
+    assert metrics(srv)["parley_send_lane_splits_total"] == splits + 1
+    deadline = time.time() + 3
+    while time.time() < deadline:
+        send(True)
+        time.sleep(0.05)
+    assert metrics(srv)["parley_send_lane_splits_total"] == splits + 1
+    held_send()
+    assert metrics(srv)["parley_send_lane_splits_total"] == splits + 2
+    assert count_messages(conn, conv) == n[0]
+
+
 def test_metrics(make_server, conn, sockets):
     srv = make_server()
     r = requests.get(srv.base + "/metrics", timeout=10)
