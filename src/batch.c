@@ -65,7 +65,7 @@ struct batch_item {
 	struct batcher		*owner;
 	struct session		*session;
 	u_int64_t		socket_id;
-	u_int64_t		received;	/* a send: its frame arrived */
+	u_int64_t		received;	/* a send's frame arrived */
 	struct kore_buf		json;
 };
 
@@ -102,7 +102,7 @@ static void	batch_done(struct db_result *, void *);
 static void	batch_again(struct batch *);
 static void	batch_again_flush(void *, u_int64_t);
 
-static void	batch_lanes_adapt(struct batcher *);
+static int	batch_lanes_adapt(struct batcher *);
 
 static struct batcher	batch_sends[PARLEY_SEND_LANES_MAX];
 static int		batch_lanes_used = 1;
@@ -264,10 +264,8 @@ batch_flush(struct batcher *owner)
 
 	if (TAILQ_EMPTY(&owner->pending))
 		return;
-	if (owner->answer == chat_sent) {
-		batch_lanes_adapt(owner);
-		metrics_send_batch();
-	}
+	if (owner->answer == chat_sent)
+		metrics_send_batch(batch_lanes_adapt(owner));
 
 	b = kore_calloc(1, sizeof(*b));
 	b->owner = owner;
@@ -361,9 +359,9 @@ batch_done(struct db_result *r, void *arg)
  * Split when the oldest send of a batch about to go arrived the split wait
  * ago (it may have waited in its socket's queue behind the socket's
  * previous send); join when every batch's oldest waited under half of it
- * for a while.
+ * for a while. True when this call split.
  */
-static void
+static int
 batch_lanes_adapt(struct batcher *lane)
 {
 	u_int64_t	now, waited;
@@ -373,20 +371,20 @@ batch_lanes_adapt(struct batcher *lane)
 
 	if (waited >= parley_cfg.send_split_ms) {
 		batch_calm_since = 0;
-		if (batch_lanes_used == 1 && parley_cfg.send_lanes > 1) {
-			batch_lanes_used = parley_cfg.send_lanes;
-			metrics_send_split();
-		}
-		return;
+		if (batch_lanes_used > 1 || parley_cfg.send_lanes == 1)
+			return (0);
+		batch_lanes_used = parley_cfg.send_lanes;
+		return (1);
 	}
 	if (batch_lanes_used == 1 || waited >= parley_cfg.send_split_ms / 2) {
 		batch_calm_since = 0;
-		return;
+		return (0);
 	}
 	if (batch_calm_since == 0)
 		batch_calm_since = now;
 	else if (util_elapsed(now, batch_calm_since) >= BATCH_JOIN_AFTER_MS)
 		batch_lanes_used = 1;
+	return (0);
 }
 
 /* A batch nobody waits for failed: back to the front of the line, later. */

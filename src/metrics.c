@@ -62,6 +62,7 @@ static struct metrics_slot	*metrics_slots;
 static struct metrics_slot	metrics_parent;
 
 static struct metrics_slot	*metrics_mine(void);
+static void	metrics_counter(struct kore_buf *, const char *, u_int64_t);
 
 /* In the parent, before the workers fork. */
 void
@@ -147,18 +148,12 @@ metrics_bus_overflow(void)
 	metrics_mine()->bus_overflows++;
 }
 
-/* A batch of sends went to the database. */
+/* A batch of sends went to the database; `split`: its worker just split. */
 void
-metrics_send_batch(void)
+metrics_send_batch(int split)
 {
 	metrics_mine()->send_batches++;
-}
-
-/* A worker split its sends into lanes. */
-void
-metrics_send_split(void)
-{
-	metrics_mine()->send_splits++;
+	metrics_mine()->send_splits += split != 0;
 }
 
 /* A latest page answered from the worker's copy (kept) or rendered. */
@@ -224,24 +219,13 @@ metrics_render(struct kore_buf *buf)
 		    socket_kinds[i], (unsigned long long)sum.sockets_open[i]);
 	}
 
-	kore_buf_appendf(buf, "# TYPE parley_messages_stored_total counter\n"
-	    "parley_messages_stored_total %llu\n",
-	    (unsigned long long)sum.messages_stored);
-	kore_buf_appendf(buf, "# TYPE parley_frames_sent_total counter\n"
-	    "parley_frames_sent_total %llu\n",
-	    (unsigned long long)sum.frames_sent);
-	kore_buf_appendf(buf, "# TYPE parley_db_errors_total counter\n"
-	    "parley_db_errors_total %llu\n",
-	    (unsigned long long)sum.db_errors);
-	kore_buf_appendf(buf, "# TYPE parley_bus_overflows_total counter\n"
-	    "parley_bus_overflows_total %llu\n",
-	    (unsigned long long)sum.bus_overflows);
-	kore_buf_appendf(buf, "# TYPE parley_send_batches_total counter\n"
-	    "parley_send_batches_total %llu\n",
-	    (unsigned long long)sum.send_batches);
-	kore_buf_appendf(buf, "# TYPE parley_send_lane_splits_total counter\n"
-	    "parley_send_lane_splits_total %llu\n",
-	    (unsigned long long)sum.send_splits);
+	metrics_counter(buf, "parley_messages_stored_total",
+	    sum.messages_stored);
+	metrics_counter(buf, "parley_frames_sent_total", sum.frames_sent);
+	metrics_counter(buf, "parley_db_errors_total", sum.db_errors);
+	metrics_counter(buf, "parley_bus_overflows_total", sum.bus_overflows);
+	metrics_counter(buf, "parley_send_batches_total", sum.send_batches);
+	metrics_counter(buf, "parley_send_lane_splits_total", sum.send_splits);
 	kore_buf_appendf(buf, "# TYPE parley_latest_pages_total counter\n"
 	    "parley_latest_pages_total{source=\"kept\"} %llu\n"
 	    "parley_latest_pages_total{source=\"database\"} %llu\n",
@@ -272,6 +256,13 @@ metrics_render(struct kore_buf *buf)
 	    (unsigned long long)sum.latency_count,
 	    (double)sum.latency_sum_us / 1e6,
 	    (unsigned long long)sum.latency_count);
+}
+
+static void
+metrics_counter(struct kore_buf *buf, const char *name, u_int64_t value)
+{
+	kore_buf_appendf(buf, "# TYPE %s counter\n%s %llu\n", name, name,
+	    (unsigned long long)value);
 }
 
 static struct metrics_slot *

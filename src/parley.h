@@ -387,8 +387,7 @@ void	metrics_bus_overflow(void);
 void	metrics_page(int);
 void	metrics_rejected(int);
 void	metrics_send_latency(u_int64_t);
-void	metrics_send_batch(void);
-void	metrics_send_split(void);
+void	metrics_send_batch(int);
 void	metrics_render(struct kore_buf *);
 
 /* Small utilities (util.c). */
