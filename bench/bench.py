@@ -24,8 +24,8 @@ import resource
 import subprocess
 import sys
 import threading
-import urllib.request
 import time
+import urllib.request
 
 TICK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
