@@ -88,6 +88,8 @@ struct batcher {
 				    const char *, const char *);
 	/* Registers sockets: one registered for nothing is closed again. */
 	int			close_orphans;
+	/* A lane of sends: splits and joins the lanes (batch_lanes_adapt). */
+	int			send_lane;
 	struct batch_list	pending;
 	struct batch		*inflight;
 	int			waiting;
@@ -117,14 +119,14 @@ static u_int64_t	batch_calm_since;
 static struct batcher	batch_opens = {
 	"SELECT idx, status, body, code, message "
 	"FROM parley_sockets_open($1::jsonb)",
-	64, ws_opened, 1, TAILQ_HEAD_INITIALIZER(batch_opens.pending), NULL,
-	0, 0
+	64, ws_opened, 1, 0, TAILQ_HEAD_INITIALIZER(batch_opens.pending),
+	NULL, 0, 0
 };
 
 static struct batcher	batch_closes = {
 	"SELECT parley_sockets_close($1::jsonb)",
-	BATCH_MAX, NULL, 0, TAILQ_HEAD_INITIALIZER(batch_closes.pending), NULL,
-	0, 0
+	BATCH_MAX, NULL, 0, 0, TAILQ_HEAD_INITIALIZER(batch_closes.pending),
+	NULL, 0, 0
 };
 
 void
@@ -137,6 +139,7 @@ batch_init(void)
 		    "FROM parley_post_messages($1::jsonb)";
 		batch_sends[i].max = BATCH_MAX;
 		batch_sends[i].answer = chat_sent;
+		batch_sends[i].send_lane = 1;
 		TAILQ_INIT(&batch_sends[i].pending);
 	}
 }
@@ -264,7 +267,7 @@ batch_flush(struct batcher *owner)
 
 	if (TAILQ_EMPTY(&owner->pending))
 		return;
-	if (owner->answer == chat_sent)
+	if (owner->send_lane)
 		metrics_send_batch(batch_lanes_adapt(owner));
 
 	b = kore_calloc(1, sizeof(*b));
