@@ -268,12 +268,22 @@ create or replace function parley_messages_before_insert() returns trigger
 language plpgsql
 set search_path from current
 as $$
+declare
+    v_member boolean;
 begin
     -- Serialise the writers of one conversation and draw the id only once the lock
     -- is held: ids then grow in commit order within the conversation, which
     -- sync/after rely on. (NO KEY UPDATE: enough against other inserts, and it does
-    -- not block foreign-key checks such as adding participants.)
-    perform 1 from conversations where id = new.conversation_id for no key update;
+    -- not block foreign-key checks such as adding participants.) The sender's
+    -- membership is read by the same statement: one query per row, not two
+    -- (a batch's rows cost 3 % less; bench/README.md, sixteenth round).
+    select exists (select 1 from participants
+                    where conversation_id = new.conversation_id
+                      and user_id = new.sender_id)
+      into v_member
+      from conversations
+     where id = new.conversation_id
+       for no key update;
     if not found then
         perform parley_fail(404, 'not_found', 'no such conversation');
     end if;
@@ -282,9 +292,7 @@ begin
         new.type := 'SYSTEM';                 -- no sender: a system message
     elsif new.type = 'SYSTEM' then
         perform parley_fail(400, 'invalid_payload', 'a SYSTEM message has no sender');
-    elsif not exists (select 1 from participants
-                       where conversation_id = new.conversation_id
-                         and user_id = new.sender_id) then
+    elsif not v_member then
         perform parley_fail(403, 'forbidden', 'the sender is not a participant');
     end if;
 
