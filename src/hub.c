@@ -54,6 +54,7 @@ static struct hub_conv	*hub_conv_get(int64_t, int);
 static struct hub_user	*hub_user_get(const char *, size_t, int);
 static void		hub_deliver(struct session *, int64_t,
 			    const u_int8_t *, size_t);
+static void		hub_hold_shed(struct session *);
 
 static struct hub_conv_bucket	hub_convs[HUB_BUCKETS];
 static struct hub_user_bucket	hub_users[HUB_BUCKETS];
@@ -226,7 +227,10 @@ hub_notify_users(void (*cb)(const char *, void *), void *arg)
 	}
 }
 
-/* The replay is over: send what was held back and is newer than `seq`. */
+/*
+ * The replay is over: send what was held back and is newer than `seq`.
+ * A frame shed from the full queue and newer than that is lost: 4029.
+ */
 void
 hub_hold_release(struct session *s, int64_t seq)
 {
@@ -235,6 +239,11 @@ hub_hold_release(struct session *s, int64_t seq)
 	if (seq > s->last_seq)
 		s->last_seq = seq;
 	s->behind = 0;
+
+	if (s->held_lost > s->last_seq) {
+		ws_close(s, WS_CLOSE_SLOW, "slow_consumer");
+		return;
+	}
 
 	while (s->state == SESSION_OPEN && (h = TAILQ_FIRST(&s->held)) != NULL) {
 		TAILQ_REMOVE(&s->held, h, list);
@@ -257,6 +266,26 @@ hub_hold_drop(struct session *s)
 		kore_free(h);
 	}
 	s->nheld = 0;
+	s->held_lost = 0;
+}
+
+/*
+ * The held queue is full: drop its oldest frame and remember its id.
+ * Whether it is lost is known only at the release: thousands of messages
+ * stored just before a socket opens still arrive live while it opens, and
+ * are all older than its ready frame or covered by its replay.
+ */
+static void
+hub_hold_shed(struct session *s)
+{
+	struct held_frame	*h;
+
+	h = TAILQ_FIRST(&s->held);
+	TAILQ_REMOVE(&s->held, h, list);
+	s->nheld--;
+	if (h->seq > s->held_lost)
+		s->held_lost = h->seq;
+	kore_free(h);
 }
 
 /*
@@ -320,10 +349,8 @@ hub_deliver(struct session *s, int64_t seq, const u_int8_t *frame, size_t len)
 		return;
 
 	if (s->behind) {
-		if (s->nheld >= HUB_HELD_MAX) {
-			ws_close(s, WS_CLOSE_SLOW, "slow_consumer");
-			return;
-		}
+		if (s->nheld >= HUB_HELD_MAX)
+			hub_hold_shed(s);
 		h = kore_malloc(sizeof(*h) + len);
 		h->seq = seq;
 		h->len = len;

@@ -195,6 +195,7 @@ struct session {
 	int64_t			sync_limit;
 	TAILQ_HEAD(, held_frame) held;
 	u_int32_t		nheld;
+	int64_t			held_lost;	/* highest id shed when full */
 
 	double			tokens;
 	u_int64_t		refilled;

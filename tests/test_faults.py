@@ -202,18 +202,21 @@ def replays_slowed(conn, conv, seconds):
         END""", conv, seconds)
 
 
-def opens_slowed(conn, user, seconds):
+def opens_slowed(conn, user, seconds, before_read=False):
     """A chat socket of user answered `seconds` after its ready frame was
-    read."""
+    read; or, before_read, its ready frame read `seconds` late (what is
+    stored meanwhile is older than it)."""
+    real = ("parley_chat_open_real(p_node, p_socket, p_conv, p_user, "
+            "p_name, p_max)")
+    pause = "IF p_user = %s THEN PERFORM pg_sleep(%s); END IF;"
+    if before_read:
+        body = "BEGIN %s RETURN %s; END" % (pause, real)
+    else:
+        body = "DECLARE v text := %s; BEGIN %s RETURN v; END" % (real, pause)
     return sql_function_wrapped(
         conn, "parley_chat_open", "p_node text, p_socket bigint, "
-        "p_conv bigint, p_user text, p_name text, p_max integer", "text", """
-        DECLARE v text := parley_chat_open_real(p_node, p_socket, p_conv,
-                                                p_user, p_name, p_max);
-        BEGIN
-            IF p_user = %s THEN PERFORM pg_sleep(%s); END IF;
-            RETURN v;
-        END""", user, seconds)
+        "p_conv bigint, p_user text, p_name text, p_max integer", "text",
+        body, user, seconds)
 
 
 def stored(conn, conv):
@@ -854,6 +857,62 @@ def test_socket_replaying_a_long_conversation_survives_the_bus_coming_back(
                                          "conversation_id = %s ORDER BY id", conv)]
     assert len(stored_ids) == 2101 and stored_ids[-1] == missed
     assert message_ids(wb, 2101) == stored_ids
+    iso.assert_workers_alive()
+
+
+@pytest.mark.parametrize("after", [None, 0])
+def test_socket_opening_while_thousands_of_messages_arrive_sheds_old_frames(
+        isolated, after):
+    """2,100 messages stored while a chat socket's open waits arrive live
+    before its ready frame: more than the 2,048 frames a socket holds back,
+    and all older than its ready frame. The oldest are shed instead of the
+    socket being closed 4029 (they are in its replay, or before its start):
+    with `after` it replays each message once, in order; without, it gets
+    none of them and the next message live."""
+    iso = isolated()
+    conn = iso.connect()
+    a, b = new_id(), new_id()
+    conv = create_conversation(conn, [a, b])
+    path = "/ws/chat/%d/" % conv + ("" if after is None else "?after=0")
+    with opens_slowed(conn, b, 2, before_read=True):
+        wb = iso.ws(path, make_token(b, "Bob"))
+        time.sleep(0.5)                         # its open is waiting
+        stored_ids = messages_stored(conn, conv, a, "m ", 2100)
+        ready = wb.recv(timeout=15)
+    assert ready["type"] == "ready", ready
+    assert ready["last_message_id"] == stored_ids[-1]
+    if after is None:
+        new = sql_message(conn, conv, a, "after the open")
+        assert message_ids(wb, 1) == [new]
+    else:
+        synced = wb.recv_type("synced", timeout=15)
+        while synced["has_more"]:
+            wb.send({"type": "sync", "after": synced["last_message_id"],
+                     "limit": 500})
+            synced = wb.recv_type("synced", timeout=15)
+        assert len(stored_ids) == 2100
+        assert message_ids(wb, 2100) == stored_ids
+    iso.assert_workers_alive()
+
+
+def test_socket_whose_held_frames_overflow_with_newer_messages_is_closed(
+        isolated):
+    """While a socket's replay waits, 2,100 messages newer than its page
+    arrive live: more than the 2,048 frames it holds back, and not in its
+    replay, so the ones shed are lost to it. It is closed 4029 when the
+    replay ends rather than going live with a gap (its client reconnects
+    with `after`)."""
+    iso = isolated()
+    conn = iso.connect()
+    a, b = new_id(), new_id()
+    conv = create_conversation(conn, [a, b])
+    first = sql_message(conn, conv, a, "first")
+    with replays_slowed(conn, conv, 3):
+        wb = iso.chat(conv, b, "Bob", after=0)
+        time.sleep(0.5)                         # its page is read
+        messages_stored(conn, conv, a, "new ", 2100)
+        assert wb.expect_close(timeout=15) == (4029, "slow_consumer")
+    assert message_ids(wb, 1, timeout=0.1) == [first]
     iso.assert_workers_alive()
 
 
